@@ -1,0 +1,1 @@
+"""Example models and workloads for kiln (see ``examples.models``)."""
