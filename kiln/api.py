@@ -1,0 +1,96 @@
+"""kiln's Python entry points: ``kiln.compile`` (offline, through torch.export) and ``CompiledModel``.
+
+Contract:
+- ``kiln.compile(model, example_inputs, target="reference", pipeline="O1", dynamic_shapes=None,
+  **options) -> CompiledModel``: export -> kiln IR -> pass pipeline -> partition + backend compile.
+  Options are validated like ``torch.compile(..., options=...)`` (``kiln.options``).
+- ``CompiledModel(*inputs)`` checks the inputs against the graph's input types (count, dtype, static
+  dims; symbolic dims must agree with each other) and raises ``KilnInputError`` naming the input, then
+  returns outputs in the model's own structure. ``.graph`` is the optimized IR, ``.report`` the fallback
+  report, ``.pass_records`` per-pass timings and changes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import sympy
+import torch
+import torch.utils._pytree as pytree
+
+from kiln.backends.base import get_backend
+from kiln.backends.driver import CompiledGraph, compile_graph
+from kiln.errors import KilnInputError
+from kiln.frontend.export import check_model, from_export
+from kiln.ir.graph import Graph
+from kiln.ir.printer import format_type
+from kiln.ir.types import DTYPES, TensorType
+from kiln.options import CompileOptions
+from kiln.passes.manager import DumpIRInstrument, PassManager, VerifyInstrument
+
+
+class CompiledModel:
+    def __init__(self, graph: Graph, compiled: CompiledGraph, out_spec=None, pass_records=None):
+        self.graph = graph
+        self.compiled = compiled
+        self.out_spec = out_spec
+        self.pass_records = list(pass_records or [])
+
+    @property
+    def report(self):
+        return self.compiled.report
+
+    def check_inputs(self, inputs: tuple) -> None:
+        check_inputs(self.graph, inputs)
+
+    def __call__(self, *args, **kwargs):
+        flat = pytree.tree_leaves((args, kwargs))
+        self.check_inputs(tuple(flat))
+        outs = self.compiled(*flat)
+        if self.out_spec is not None:
+            return pytree.tree_unflatten(list(outs), self.out_spec)
+        return outs[0] if len(outs) == 1 else outs
+
+
+def check_inputs(graph: Graph, inputs: tuple) -> None:
+    if len(inputs) != len(graph.inputs):
+        raise KilnInputError(f"graph '{graph.name}' takes {len(graph.inputs)} input(s), got {len(inputs)}")
+    bound: dict[sympy.Symbol, int] = {}
+    for i, (v, x) in enumerate(zip(graph.inputs, inputs)):
+        t = v.type
+        if not isinstance(t, TensorType):
+            continue
+        want = format_type(t)
+        if not isinstance(x, torch.Tensor):
+            raise KilnInputError(f"input {i} (%{v.name}): expected a tensor {want}, got {type(x).__name__}")
+        got = f"{DTYPES.get(x.dtype, x.dtype)}{list(x.shape)}"
+        if x.dtype != t.dtype or x.dim() != t.rank:
+            raise KilnInputError(f"input {i} (%{v.name}): expected {want}, got {got}")
+        for d, s in zip(t.shape, x.shape):
+            if isinstance(d, int):
+                if d != s:
+                    raise KilnInputError(f"input {i} (%{v.name}): expected {want}, got {got}")
+            elif d.is_Symbol:
+                if bound.setdefault(d, s) != s:
+                    raise KilnInputError(f"input {i} (%{v.name}): dim {d} is {s} here but {bound[d]} "
+                                         "in an earlier input")
+
+
+def compile(model: torch.nn.Module, example_inputs: Any, target: str = "reference", pipeline: str = "O1",
+            dynamic_shapes=None, **options: Any) -> CompiledModel:
+    opts = CompileOptions.from_dict({"target": target, "pipeline": pipeline, **options})
+    get_backend(opts.target)  # a target that is not built yet fails before the (slow) export
+    example_inputs = check_model(model, example_inputs)
+    graph = from_export(model, example_inputs, dynamic_shapes=dynamic_shapes)
+    instruments = [VerifyInstrument()] if opts.verify else []
+    if opts.debug_dir:
+        instruments.append(DumpIRInstrument(opts.debug_dir))
+    records = PassManager.from_pipeline(opts.pipeline, instruments).run(graph)
+    compiled = compile_graph(graph, opts.target, opts.backend_options)
+    cm = CompiledModel(graph, compiled, graph.meta.get("out_spec"), records)
+    if opts.check:
+        from kiln.numerics import assert_match
+
+        with torch.no_grad():
+            assert_match(cm(*example_inputs), model(*example_inputs), "kiln.compile output")
+    return cm

@@ -1,0 +1,68 @@
+"""The backend interface and registry.
+
+Contract:
+- A backend subclasses ``Backend``: ``name``; ``supports(node) -> bool`` (which nodes it can compile;
+  weights are data and always go with the partition that reads them); ``compile(graph, options) ->
+  Executable`` where the graph is one partition and the executable is ``callable(*inputs) -> tuple``
+  returning the graph's outputs in order.
+- ``register_backend(name)`` registers a class; ``get_backend(name)`` instantiates it. A target that is
+  planned but not built yet raises ``UnsupportedError`` naming the issue that builds it; an unknown
+  target raises ``KilnInputError`` listing the known ones.
+- ``kiln.backends.compile_graph`` (in ``kiln.backends.driver``) cuts the graph with the partitioner and
+  runs what the backend does not support on the reference path, reporting it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from kiln.errors import KilnInputError, UnsupportedError
+from kiln.ir.graph import Graph, Node
+
+Executable = Callable[..., tuple]
+
+_BACKENDS: dict[str, type[Backend]] = {}
+
+# Targets named in the design whose backends are other issues' work.
+PLANNED_TARGETS = {
+    "tvm": "the TVM backend issue (#6)",
+    "triton": "the Triton backend issue",
+    "fpga": "the FPGA backend issue",
+    "accel": "the simulated-accelerator issue",
+}
+
+
+class Backend:
+    name: str = ""
+
+    def supports(self, node: Node) -> bool:
+        raise NotImplementedError(f"backend {type(self).__name__} does not implement supports()")
+
+    def compile(self, graph: Graph, options: dict[str, Any]) -> Executable:
+        raise NotImplementedError(f"backend {type(self).__name__} does not implement compile()")
+
+
+def register_backend(name: str):
+    def deco(cls: type[Backend]) -> type[Backend]:
+        cls.name = name
+        _BACKENDS[name] = cls
+        return cls
+
+    return deco
+
+
+def get_backend(name: str) -> Backend:
+    import kiln.backends.reference  # noqa: F401  (registers "reference")
+
+    if name in _BACKENDS:
+        return _BACKENDS[name]()
+    if name in PLANNED_TARGETS:
+        raise UnsupportedError(f"target {name!r} is not implemented yet; it is built by {PLANNED_TARGETS[name]}")
+    raise KilnInputError(f"unknown target {name!r}; known targets: {', '.join(sorted(_BACKENDS))}")
+
+
+def available_backends() -> list[str]:
+    import kiln.backends.reference  # noqa: F401
+
+    return sorted(_BACKENDS)

@@ -1,0 +1,35 @@
+"""The reference backend: runs any kiln graph through PyTorch via the fx conversion.
+
+Contract: it is the oracle every other backend is checked against, so it adds nothing of its own:
+``compile(graph)`` is ``to_fx(graph)``. It *supports* the ops kiln's IR defines semantics for (ATen,
+prims, symbolic scalars, kiln's region ops); ops from other namespaces (custom ops) are left to the
+partitioner's eager fallback, which is how an unsupported op shows up in reports.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from kiln.backends.base import Backend, Executable, register_backend
+from kiln.ir.graph import Graph, Node
+from kiln.ir.to_fx import to_fx
+
+KNOWN_NAMESPACES = ("aten", "prims", "sym", "kiln")
+
+
+@register_backend("reference")
+class ReferenceBackend(Backend):
+    def supports(self, node: Node) -> bool:
+        return node.op.namespace in KNOWN_NAMESPACES
+
+    def compile(self, graph: Graph, options: dict[str, Any]) -> Executable:
+        gm = to_fx(graph)
+
+        def run(*inputs):
+            with torch.profiler.record_function(f"kiln.reference.{graph.name}"):
+                return gm(*inputs)
+
+        run.graph_module = gm
+        return run

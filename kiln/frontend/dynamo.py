@@ -1,0 +1,110 @@
+"""The ``torch.compile(model, backend="kiln")`` entry point.
+
+Contract: ``kiln_backend(gm, example_inputs, options=None)`` is registered under the
+``torch_dynamo_backends`` entry point. Dynamo hands it an FX graph; AOTAutograd (with the core ATen
+decompositions) turns that into ATen forward and backward graphs, each of which kiln imports, runs
+through the pass pipeline and compiles for the target (``kiln.backends.driver``). So inference and
+training steps both work. It never breaks a model: a graph kiln cannot import or compile runs as the
+ATen graph AOTAutograd produced (eager PyTorch), unsupported ops inside a compiled graph fall back one
+by one, and each fallback is logged and recorded (``kiln.fallback_reports()``). Invalid options are the
+one thing that raises (``KilnInputError``), at compile time.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from typing import Any
+
+import torch
+
+from kiln.backends.driver import FallbackReport, compile_graph
+from kiln.errors import KilnInputError
+from kiln.frontend.fx_import import import_fx, restore_outputs
+from kiln.ir.verifier import verify
+from kiln.options import CompileOptions
+from kiln.passes.manager import DumpIRInstrument, PassManager, VerifyInstrument
+
+log = logging.getLogger("kiln")
+
+REPORTS: list[FallbackReport] = []
+_ids = itertools.count()
+
+
+def fallback_reports() -> list[dict[str, Any]]:
+    """Machine-readable record of every graph compiled through torch.compile in this process."""
+    return [r.to_dict() for r in REPORTS]
+
+
+def reset_reports() -> None:
+    REPORTS.clear()
+
+
+def kiln_backend(gm: torch.fx.GraphModule, example_inputs, options: dict[str, Any] | None = None, **kwargs):
+    if kwargs:
+        raise KilnInputError(f"kiln backend got unexpected argument(s) {sorted(kwargs)} "
+                             "(use options={...}; mode= is not supported)")
+    opts = CompileOptions.from_dict(options)
+    from torch._decomp import core_aten_decompositions
+    from torch._dynamo.backends.common import aot_autograd
+
+    graph_id = next(_ids)
+
+    def compiler(kind: str):
+        return lambda fx_gm, inputs: compile_aten_graph(fx_gm, inputs, opts, f"{kind}{graph_id}")
+
+    try:
+        return aot_autograd(fw_compiler=compiler("forward"), bw_compiler=compiler("backward"),
+                            inference_compiler=compiler("inference"),
+                            decompositions=core_aten_decompositions())(gm, example_inputs)
+    except Exception as e:  # AOTAutograd could not trace it: run Dynamo's graph as is
+        _record(FallbackReport(f"dynamo{graph_id}", opts.target, reason=f"AOTAutograd failed: {_brief(e)}"))
+        return gm.forward
+
+
+def compile_aten_graph(fx_gm: torch.fx.GraphModule, inputs, opts: CompileOptions, name: str):
+    """Compile one ATen graph from AOTAutograd; falls back to running it as is on any failure."""
+    from torch._functorch.aot_autograd import make_boxed_func
+
+    try:
+        imported = import_fx(fx_gm, name)
+        graph = imported.graph
+        if opts.verify:
+            verify(graph)
+        instruments = [VerifyInstrument()] if opts.verify else []
+        if opts.debug_dir:
+            instruments.append(DumpIRInstrument(f"{opts.debug_dir}/{name}"))
+        PassManager.from_pipeline(opts.pipeline, instruments).run(graph)
+        compiled = compile_graph(graph, opts.target, opts.backend_options)
+    except KilnInputError:
+        raise
+    except Exception as e:  # import/pass/backend failure: correctness first, run the ATen graph
+        _record(FallbackReport(name, opts.target, reason=_brief(e)))
+        return make_boxed_func(fx_gm.forward)
+    _record(compiled.report)
+    spec = imported.output_spec
+    checked = not opts.check
+
+    def run(*args):
+        nonlocal checked
+        outs = compiled(*args)
+        if not checked:
+            from kiln.numerics import assert_match
+
+            with torch.no_grad():
+                assert_match(list(outs), list(fx_gm(*args)), f"graph {name} output")
+            checked = True
+        return restore_outputs(spec, outs)
+
+    return make_boxed_func(run)
+
+
+def _record(report: FallbackReport) -> None:
+    REPORTS.append(report)
+    if report.fell_back:
+        log.warning(report.summary_line())
+
+
+def _brief(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"
