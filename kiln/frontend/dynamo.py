@@ -46,6 +46,7 @@ def kiln_backend(gm: torch.fx.GraphModule, example_inputs, options: dict[str, An
                              "(use options={...}; mode= is not supported)")
     opts = CompileOptions.from_dict(options)
     from torch._dynamo.backends.common import aot_autograd
+    from torch._dynamo.exc import RestartAnalysis, SkipFrame
 
     graph_id = next(_ids)
 
@@ -56,6 +57,8 @@ def kiln_backend(gm: torch.fx.GraphModule, example_inputs, options: dict[str, An
         return aot_autograd(fw_compiler=compiler("forward"), bw_compiler=compiler("backward"),
                             inference_compiler=compiler("inference"),
                             decompositions=training_decompositions())(gm, example_inputs)
+    except (RestartAnalysis, SkipFrame):  # Dynamo control flow (e.g. re-trace with tensorified floats)
+        raise
     except Exception as e:  # AOTAutograd could not trace it: run Dynamo's graph as is
         _record(FallbackReport(f"dynamo{graph_id}", opts.target, reason=f"AOTAutograd failed: {_brief(e)}"))
         return gm.forward
@@ -80,17 +83,21 @@ def training_decompositions() -> dict:
 def compile_aten_graph(fx_gm: torch.fx.GraphModule, inputs, opts: CompileOptions, name: str):
     """Compile one ATen graph from AOTAutograd; falls back to running it as is on any failure."""
     from torch._functorch.aot_autograd import make_boxed_func
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
 
     try:
-        imported = import_fx(fx_gm, name)
-        graph = imported.graph
-        if opts.verify:
-            verify(graph)
-        instruments = [VerifyInstrument()] if opts.verify else []
-        if opts.debug_dir:
-            instruments.append(DumpIRInstrument(f"{opts.debug_dir}/{name}"))
-        PassManager.from_pipeline(opts.pipeline, instruments).run(graph)
-        compiled = compile_graph(graph, opts.target, opts.backend_options)
+        # AOTAutograd calls compilers with Dynamo's fake mode active; kiln reads real constant tensors
+        # (get_attr) and runs its own fake modes for type inference, so compile outside that mode.
+        with unset_fake_temporarily():
+            imported = import_fx(fx_gm, name)
+            graph = imported.graph
+            if opts.verify:
+                verify(graph)
+            instruments = [VerifyInstrument()] if opts.verify else []
+            if opts.debug_dir:
+                instruments.append(DumpIRInstrument(f"{opts.debug_dir}/{name}"))
+            PassManager.from_pipeline(opts.pipeline, instruments).run(graph)
+            compiled = compile_graph(graph, opts.target, opts.backend_options)
     except KilnInputError:
         raise
     except Exception as e:  # import/pass/backend failure: correctness first, run the ATen graph

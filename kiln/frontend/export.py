@@ -13,6 +13,7 @@ Contract:
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -47,7 +48,10 @@ def from_export(model, example_inputs: Any = (), dynamic_shapes=None, decompose:
             raise KilnInputError(f"torch.export failed for {type(model).__name__}: "
                                  f"{type(e).__name__}: {_first_line(e)}") from e
     if decompose:
-        ep = ep.run_decompositions()
+        with warnings.catch_warnings():
+            # torch 2.13 warns about its own pytree internals while deep-copying the call graph
+            warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+            ep = ep.run_decompositions()
     return import_exported_program(ep, name or _model_name(model))
 
 

@@ -206,5 +206,7 @@ def _describe(a) -> str:
 
 
 def _result_types(op, result, env: _FakeEnv) -> list[Type]:
+    if op.schema is not None and not op.schema.returns:  # `-> ()`: asserts, prints
+        return []
     items = list(result) if op.multi_result else [result]
     return [type_of_example(x, env.back) for x in items]

@@ -134,8 +134,9 @@ def _torch_opdef(overload: torch._ops.OpOverload) -> OpDef:
         target=overload,
         schema=schema,
         core=torch.Tag.core in tags and overload.namespace == "aten",
-        side_effects=schema.is_mutable or any(r.alias_info is not None and r.alias_info.is_write
-                                              for r in returns),
+        # an op that returns nothing is run for its effect (_assert_scalar, _assert_async, _print...)
+        side_effects=schema.is_mutable or not returns or any(r.alias_info is not None and r.alias_info.is_write
+                                                             for r in returns),
         nondeterministic=torch.Tag.nondeterministic_seeded in tags,
         infer_fn=infer_torch_op,
         multi_result=multi,

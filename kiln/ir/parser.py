@@ -34,7 +34,7 @@ _TOKEN_RE = re.compile(r"""
     (?P<ws>[ \t\r\n]+|\#\#[^\n]*)
   | (?P<value>%[A-Za-z0-9_]+)
   | (?P<global>@[A-Za-z0-9_.]+)
-  | (?P<string>"(?:[^"\\]|\\.)*")
+  | (?P<string>"(?:[^"\\\n]|\\.)*")
   | (?P<number>-?\d+(?:\.\d*)?(?:[eE][-+]?\d+)?)
   | (?P<arrow>->)
   | (?P<ident>[A-Za-z_][A-Za-z0-9_.]*)
@@ -59,7 +59,8 @@ class _Lexer:
         while pos < len(text):
             m = _TOKEN_RE.match(text, pos)
             if m is None:
-                raise KilnParseError(f"unexpected character {text[pos]!r}", line, pos - line_start + 1, source)
+                what = "unterminated string" if text[pos] == '"' else f"unexpected character {text[pos]!r}"
+                raise KilnParseError(what, line, pos - line_start + 1, source)
             kind = m.lastgroup
             if kind != "ws":
                 self.tokens.append(Token(kind, m.group(), pos, line, pos - line_start + 1))

@@ -120,7 +120,10 @@ def apply_patterns(graph: Graph, patterns: list[BoundPattern], max_rewrites: int
             for v in rw.touched:
                 revisit.extend(v.users)
             if node.graph is graph:
-                revisit.append(node)
+                if is_dead(graph, node):  # e.g. the pattern only redirected its uses
+                    graph.erase(node)
+                else:
+                    revisit.append(node)
             for cand in operands:  # producers may now be dead
                 if cand.graph is graph and is_dead(graph, cand):
                     graph.erase(cand)

@@ -42,7 +42,9 @@ def to_fx(graph: Graph, submodules: dict[Node, Callable] | None = None) -> fx.Gr
     env: dict[Value, fx.Node] = {}
     counter = 0
     for v in graph.inputs:
-        env[v] = fg.placeholder(v.name)
+        # the parameter gets fx's unique, legal spelling of the name: %0, %def or %torch are not
+        env[v] = fg.placeholder("self_" if v.name == "self" else v.name)
+        env[v].target = env[v].name
     for node in graph.nodes:
         if node.op.name == "kiln.weight":
             wname = node.attrs["name"]

@@ -33,6 +33,8 @@ def _forward(node: Node, rw: Rewriter, source: Value) -> bool:
         return False
     if not (isinstance(out.type, TensorType) and out.type == source.type):
         return False
+    if any(u.op.side_effects for u in out.users):  # e.g. clone(x) then add_: the copy protects x
+        return False
     rw.replace_node(node, [source])
     return True
 

@@ -27,7 +27,8 @@ def _key(x: Any) -> Any:
     if isinstance(x, dict):
         return ("{", tuple(sorted((k, _key(v)) for k, v in x.items())))
     if isinstance(x, float):
-        return ("f", "nan" if math.isnan(x) else x)  # 1 and 1.0 differ in type promotion
+        # 1 and 1.0 differ in type promotion; 0.0 and -0.0 compare equal but are not (1 / -0.0 = -inf)
+        return ("f", "nan" if math.isnan(x) else (x, math.copysign(1.0, x)))
     if isinstance(x, (torch.dtype, torch.device, torch.layout, torch.memory_format)):
         return ("t", str(x))
     return (type(x).__name__, x)

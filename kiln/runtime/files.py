@@ -3,7 +3,7 @@
 Contract: ``atomic_write_bytes(path, data)`` / ``atomic_write_text(path, text)`` write to a temporary
 file in the same directory, fsync, then ``os.replace`` it into place. ``atomic_dir(path)`` is a context
 manager yielding a temporary directory that replaces ``path`` as a whole on success and is removed on
-failure.
+failure; it replaces whatever is at ``path``, so callers check first that this is what they mean.
 """
 
 from __future__ import annotations
@@ -41,6 +41,9 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it owner-only; the result is meant to be shared
     try:
         yield tmp
         if path.exists():
