@@ -30,6 +30,8 @@ def _type_key(obj: Any) -> Any:
         return (type(obj).__name__, tuple(_type_key(o) for o in obj))
     if isinstance(obj, float) and obj != obj:
         return ("nan",)
+    if isinstance(obj, (bool, int, float)):  # 1 == 1.0 == True, but they promote differently
+        return (type(obj).__name__, obj)
     return obj
 
 
