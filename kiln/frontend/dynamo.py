@@ -123,7 +123,7 @@ def compile_aten_graph(fx_gm: torch.fx.GraphModule, inputs, opts: CompileOptions
 
 def _record(report: FallbackReport) -> None:
     REPORTS.append(report)
-    if report.fell_back:
+    if report.reason is not None:  # op-level fallbacks were already logged by compile_graph
         log.warning(report.summary_line())
 
 
