@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ._common import randomize_batchnorm
+
 
 @dataclass(frozen=True)
 class MobileNetConfig:
@@ -98,15 +100,6 @@ class MobileNetV2(nn.Module):
         return self.classifier(torch.flatten(x, 1))
 
 
-def randomize_batchnorm(model: nn.Module) -> None:
-    """Give every BatchNorm non-trivial affine params and running stats (uses the global RNG)."""
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.2, 0.2)
-                m.running_mean.uniform_(-0.2, 0.2)
-                m.running_var.uniform_(0.5, 1.5)
 
 
 def make_mobilenetv2(size: str = "small", seed: int = 0) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
