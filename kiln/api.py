@@ -54,7 +54,9 @@ class CompiledModel:
 
 def check_inputs(graph: Graph, inputs: tuple) -> None:
     if len(inputs) != len(graph.inputs):
-        raise KilnInputError(f"graph '{graph.name}' takes {len(graph.inputs)} input(s), got {len(inputs)}")
+        sig = ", ".join(format_type(v.type) for v in graph.inputs)
+        raise KilnInputError(f"graph '{graph.name}' takes {len(graph.inputs)} input(s) ({sig}), "
+                             f"got {len(inputs)}")
     bound: dict[sympy.Symbol, int] = {}
     for i, (v, x) in enumerate(zip(graph.inputs, inputs)):
         t = v.type

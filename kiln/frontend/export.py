@@ -33,6 +33,10 @@ def check_model(model: Any, example_inputs: Any) -> tuple:
     if not isinstance(example_inputs, (tuple, list)):
         raise KilnInputError("example_inputs must be a tuple of tensors, got "
                              f"{type(example_inputs).__name__}")
+    for i, x in enumerate(example_inputs):
+        if not isinstance(x, (torch.Tensor, int, float, bool)):
+            raise KilnInputError(f"example input {i} is a {type(x).__name__}; kiln takes tensors "
+                                 "(and Python numbers, which are specialized)")
     return tuple(example_inputs)
 
 
