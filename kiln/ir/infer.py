@@ -18,7 +18,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from kiln.errors import KilnError
-from kiln.ir.types import NoneType, ScalarType, TensorType, Type, layout_of
+from kiln.ir.types import NoneType, ScalarType, TensorType, Type, layout_of, sym
 
 
 def _type_key(obj: Any) -> Any:
@@ -53,7 +53,7 @@ class _FakeEnv:
     def __init__(self, symbolic: bool):
         from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
-        self.shape_env = ShapeEnv() if symbolic else None
+        self.shape_env = ShapeEnv(allow_dynamic_output_shape_ops=True) if symbolic else None
         self.mode = FakeTensorMode(shape_env=self.shape_env, allow_non_fake_inputs=True)
         self.to_torch: dict[sympy.Symbol, Any] = {}
         self.from_torch: dict[sympy.Symbol, sympy.Symbol] = {}
@@ -86,8 +86,8 @@ class _FakeEnv:
         if isinstance(x, int):
             return x
         expr = x.node.expr
-        if self.from_torch:
-            expr = expr.xreplace(self.from_torch)
+        # kiln's own symbols map back; fresh ones (unbacked u0 from .item()/nonzero) get kiln's spelling
+        expr = expr.xreplace({s: self.from_torch.get(s) or sym(s.name) for s in expr.free_symbols})
         return int(expr) if expr.is_Integer else expr
 
 
@@ -152,6 +152,8 @@ def infer_torch_op(op, args: tuple, kwargs: dict, attrs: dict, subgraph) -> list
             static, cached = False, None
         if cached is not None:
             return list(cached)
+    if static and _DATA_DEPENDENT & set(getattr(op.target, "tags", ())):
+        static = False  # .item(), nonzero...: results are fresh unbacked symbols, need a ShapeEnv
     env = _static_env() if static else _FakeEnv(symbolic=True)
     result = _run_fake(op, args, kwargs, env)
     types = _result_types(op, result, env)
@@ -161,6 +163,12 @@ def infer_torch_op(op, args: tuple, kwargs: dict, attrs: dict, subgraph) -> list
 
 
 _CACHE: dict[Any, tuple[Type, ...]] = {}
+_DATA_DEPENDENT = {torch.Tag.data_dependent_output, torch.Tag.dynamic_output_shape}
+
+
+def is_unbacked(expr: sympy.Expr) -> bool:
+    """True if a dim holds a data-dependent symbol (``u0``...), fresh at every inference."""
+    return any(s.name.startswith("u") for s in expr.free_symbols)
 
 
 @functools.lru_cache(maxsize=1)
