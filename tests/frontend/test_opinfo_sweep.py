@@ -115,10 +115,12 @@ def _select() -> tuple[int, list[str], dict[str, object]]:
     eligible = [o for o in candidates if skip_category(o) is None]
     stride = max(1, len(eligible) // TARGET_OPS)
     chosen = eligible[::stride]
-    return stride, [op_id(o) for o in chosen], {op_id(o): o for o in chosen}
+    return stride, [op_id(o) for o in chosen], {op_id(o): o for o in eligible}
 
 
 STRIDE, SAMPLE_IDS, OPS = _select()
+# The rest of the eligible ops: the slow suite (`make test-slow`) sweeps them all.
+REST_IDS = sorted(set(OPS) - set(SAMPLE_IDS))
 
 
 @dataclass
@@ -231,6 +233,16 @@ def test_sample_is_deterministic_and_sized():
 
 @pytest.mark.parametrize("name", [_param(n) for n in SAMPLE_IDS])
 def test_op_matches_eager(name: str):
+    _check_op(name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", REST_IDS)
+def test_op_matches_eager_full_sweep(name: str):
+    _check_op(name)
+
+
+def _check_op(name: str) -> None:
     out = run_op(name)
     if out.skip is not None:
         pytest.skip(out.skip)
