@@ -220,3 +220,9 @@ def _result_types(op, result, env: _FakeEnv) -> list[Type]:
         return []
     items = list(result) if op.multi_result else [result]
     return [type_of_example(x, env.back) for x in items]
+
+
+def run_on_fake(op, args: tuple, kwargs: dict):
+    """Call ``op`` on fake tensors standing for the static-typed Values in its args (for analyses that
+    observe a call, such as FLOP counting). Returns the fake result."""
+    return _run_fake(op, args, kwargs, _static_env())
