@@ -35,22 +35,22 @@ class Builder:
     def after(cls, node: Node) -> Builder:
         return cls(node.graph, node.graph.index_of(node) + 1)
 
-    def _place(self, node: Node) -> None:
+    def _advance(self) -> None:
         if self.index is not None:
             self.index += 1
 
     def call(self, op: OpDef | OpPacket, *args: Any, name: str | None = None, **kwargs: Any):
+        """Apply ``op``; ``name`` is a hint for a single result's name."""
         op = resolve(op)
-        node = self.graph.create_node(op, args, kwargs, index=self.index)
-        if name is not None and len(node.results) == 1:
-            self._rename(node.results[0], name)
-        self._place(node)
+        names = [name] if name is not None and not op.multi_result else None
+        node = self.graph.create_node(op, args, kwargs, names=names, index=self.index)
+        self._advance()
         return list(node.results) if op.multi_result else node.output
 
     def node(self, op: OpDef | OpPacket, args=(), kwargs=None, **extra) -> Node:
         """Create a node with full control (explicit result types, attrs, subgraph)."""
         node = self.graph.create_node(resolve(op), args, kwargs, index=self.index, **extra)
-        self._place(node)
+        self._advance()
         return node
 
     def weight(self, name: str, tensor: torch.Tensor) -> Value:
@@ -65,7 +65,3 @@ class Builder:
         if self.index is not None:
             self.index += 1
         return node.output
-
-    def _rename(self, v: Value, name: str) -> None:
-        self.graph._names.discard(v.name)
-        v.name = self.graph.fresh_name(name)
