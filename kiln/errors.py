@@ -38,3 +38,9 @@ class UnsupportedError(KilnError, NotImplementedError):
 
 class ArtifactError(KilnError):
     pass
+
+
+def first_line(e: BaseException) -> str:
+    """The first non-empty line of an exception's message (torch's messages run to pages)."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return lines[0] if lines else type(e).__name__

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from kiln.backends.driver import FallbackReport, compile_graph
-from kiln.errors import KilnInputError
+from kiln.errors import KilnInputError, first_line
 from kiln.frontend.fx_import import import_fx, restore_outputs
 from kiln.ir.verifier import verify
 from kiln.options import CompileOptions
@@ -60,7 +60,8 @@ def kiln_backend(gm: torch.fx.GraphModule, example_inputs, options: dict[str, An
     except (RestartAnalysis, SkipFrame):  # Dynamo control flow (e.g. re-trace with tensorified floats)
         raise
     except Exception as e:  # AOTAutograd could not trace it: run Dynamo's graph as is
-        _record(FallbackReport(f"dynamo{graph_id}", opts.target, reason=f"AOTAutograd failed: {_brief(e)}"))
+        reason = f"AOTAutograd failed: {type(e).__name__}: {first_line(e)}"
+        _record(FallbackReport(f"dynamo{graph_id}", opts.target, reason=reason))
         return gm.forward
 
 
@@ -101,7 +102,7 @@ def compile_aten_graph(fx_gm: torch.fx.GraphModule, inputs, opts: CompileOptions
     except KilnInputError:
         raise
     except Exception as e:  # import/pass/backend failure: correctness first, run the ATen graph
-        _record(FallbackReport(name, opts.target, reason=_brief(e)))
+        _record(FallbackReport(name, opts.target, reason=f"{type(e).__name__}: {first_line(e)}"))
         return make_boxed_func(fx_gm.forward)
     _record(compiled.report)
     spec = imported.output_spec
@@ -126,7 +127,3 @@ def _record(report: FallbackReport) -> None:
     if report.reason is not None:  # op-level fallbacks were already logged by compile_graph
         log.warning(report.summary_line())
 
-
-def _brief(e: Exception) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0] if text else ''}"

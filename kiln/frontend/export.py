@@ -20,7 +20,7 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
-from kiln.errors import KilnInputError, UnsupportedError
+from kiln.errors import KilnInputError, UnsupportedError, first_line
 from kiln.frontend.fx_import import import_fx
 from kiln.ir.graph import Graph
 
@@ -50,7 +50,7 @@ def from_export(model, example_inputs: Any = (), dynamic_shapes=None, decompose:
             ep = torch.export.export(model, example_inputs, dynamic_shapes=dynamic_shapes, strict=False)
         except Exception as e:  # torch raises many types; keep the first line, chain the rest
             raise KilnInputError(f"torch.export failed for {type(model).__name__}: "
-                                 f"{type(e).__name__}: {_first_line(e)}") from e
+                                 f"{type(e).__name__}: {first_line(e)}") from e
     if decompose:
         with warnings.catch_warnings():
             # torch 2.13 warns about its own pytree internals while deep-copying the call graph
@@ -90,7 +90,7 @@ def from_symbolic_trace(model: torch.nn.Module, example_inputs: Any, name: str |
     try:
         traced = fx.symbolic_trace(model)
     except Exception as e:
-        raise KilnInputError(f"fx.symbolic_trace failed for {type(model).__name__}: {_first_line(e)}") from e
+        raise KilnInputError(f"fx.symbolic_trace failed for {type(model).__name__}: {first_line(e)}") from e
     named = {**dict(traced.named_parameters()), **dict(traced.named_buffers())}
     names = list(named)
     out_spec: list = []
@@ -115,7 +115,3 @@ def from_symbolic_trace(model: torch.nn.Module, example_inputs: Any, name: str |
 def _model_name(model) -> str:
     return type(model).__name__.lower() if isinstance(model, torch.nn.Module) else "main"
 
-
-def _first_line(e: Exception) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
