@@ -58,7 +58,7 @@ def outline(graph: Graph, regions: list[list[Node]], target: str) -> list[Node]:
 def topo_sort(graph: Graph) -> None:
     """Re-order nodes topologically, keeping the current order wherever it is already valid."""
     rank = {n: i for i, n in enumerate(graph.nodes)}
-    graph.nodes = list(nx.lexicographical_topological_sort(node_dag(graph), key=rank.__getitem__))
+    graph.set_order(nx.lexicographical_topological_sort(node_dag(graph), key=rank.__getitem__))
 
 
 def _outline_one(graph: Graph, region: list[Node], name: str, target: str) -> Node:

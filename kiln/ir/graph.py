@@ -198,6 +198,14 @@ class Graph:
             user.replace_input(old, new)
         self.outputs = [new if o is old else o for o in self.outputs]
 
+    def set_order(self, nodes: Iterable[Node]) -> None:
+        """Replace the node order by a permutation of the same nodes (checking it is one; the caller
+        is responsible for it being topological — the verifier checks that)."""
+        nodes = list(nodes)
+        if len(nodes) != len(self.nodes) or set(map(id, nodes)) != set(map(id, self.nodes)):
+            raise ValueError(f"set_order on @{self.name}: not a permutation of the graph's nodes")
+        self.nodes = nodes
+
     def erase(self, node: Node) -> None:
         for r in node.results:
             if r.uses or any(o is r for o in self.outputs):
