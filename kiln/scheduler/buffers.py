@@ -3,10 +3,10 @@
 Contract:
 - A ``Buffer`` is one tensor that needs memory: ``size`` in bytes, live from step ``start`` (the step of
   its producer in the chosen order) to step ``end`` inclusive (its last consumer's step; a graph output
-  lives to the last step). Two buffers conflict iff their lifetimes intersect.
+  lives to the last step). Two buffers conflict iff their lifetimes intersect and both have a size.
 - An ``ArenaPlan`` gives every buffer a byte ``offset`` in one arena of ``size`` bytes; ``check_plan``
   verifies that no two conflicting buffers overlap in memory and that every buffer fits, raising
-  ``KilnError`` naming the pair at fault.
+  ``KilnError`` naming the pair at fault (buffer names must be unique).
 - ``lower_bound`` is the best known bound on any arena for these buffers (max over steps of live bytes);
   ``optimal`` is True when a solver proved the plan optimal, and ``gap`` is (size - bound) / size.
 """
@@ -14,6 +14,7 @@ Contract:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from kiln.errors import KilnError
 
@@ -30,7 +31,8 @@ class Buffer:
             raise KilnError(f"buffer {self.name}: bad size {self.size} or lifetime [{self.start}, {self.end}]")
 
     def conflicts(self, other: Buffer) -> bool:
-        return self.start <= other.end and other.start <= self.end
+        """Live together and both need memory (a zero-size buffer conflicts with nothing)."""
+        return bool(self.size and other.size) and self.start <= other.end and other.start <= self.end
 
 
 @dataclass
@@ -41,7 +43,7 @@ class ArenaPlan:
     lower_bound: int = 0
     optimal: bool | None = None
     solve_s: float = 0.0
-    stats: dict[str, float] = field(default_factory=dict)
+    stats: dict[str, Any] = field(default_factory=dict)
 
     @property
     def gap(self) -> float:
@@ -62,6 +64,10 @@ def live_bytes_lower_bound(buffers: list[Buffer]) -> int:
 
 
 def check_plan(buffers: list[Buffer], plan: ArenaPlan) -> None:
+    names = [b.name for b in buffers]
+    if len(set(names)) != len(names):
+        dup = sorted({n for n in names if names.count(n) > 1})
+        raise KilnError(f"plan '{plan.method}': buffer names must be unique, repeated: {dup[:5]}")
     missing = [b.name for b in buffers if b.name not in plan.offsets]
     if missing:
         raise KilnError(f"plan '{plan.method}' places no offset for {missing[:5]}")
@@ -72,10 +78,11 @@ def check_plan(buffers: list[Buffer], plan: ArenaPlan) -> None:
             raise KilnError(f"plan '{plan.method}': {b.name} [{off}, {off + b.size}) is outside the arena "
                             f"of {plan.size} bytes")
     for i, a in enumerate(by_start):
-        for b in by_start[i + 1:]:
+        for j in range(i + 1, len(by_start)):
+            b = by_start[j]
             if b.start > a.end:
                 break
-            if a.size and b.size and a.conflicts(b):
+            if a.conflicts(b):
                 oa, ob = plan.offsets[a.name], plan.offsets[b.name]
                 if oa < ob + b.size and ob < oa + a.size:
                     raise KilnError(f"plan '{plan.method}': {a.name} and {b.name} are live together "

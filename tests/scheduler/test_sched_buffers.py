@@ -18,6 +18,13 @@ def test_lower_bound_is_peak_of_live_bytes():
 def test_conflicts_are_inclusive():
     assert Buffer("a", 1, 0, 2).conflicts(Buffer("b", 1, 2, 3))
     assert not Buffer("a", 1, 0, 1).conflicts(Buffer("b", 1, 2, 3))
+    assert not Buffer("a", 0, 0, 5).conflicts(Buffer("b", 1, 2, 3))  # zero-size needs no memory
+
+
+def test_duplicate_names_are_rejected():
+    bufs = [Buffer("a", 8, 0, 1), Buffer("a", 8, 3, 4)]
+    with pytest.raises(KilnError, match="unique"):
+        check_plan(bufs, ArenaPlan({"a": 0}, 8, "hand"))
 
 
 def test_check_plan_accepts_disjoint_and_rejects_overlap():
