@@ -14,6 +14,7 @@ Contract:
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Any
 
@@ -33,14 +34,16 @@ PLANNED_TARGETS = {
 }
 
 
-class Backend:
+class Backend(ABC):
     name: str = ""
 
+    @abstractmethod
     def supports(self, node: Node) -> bool:
-        raise NotImplementedError(f"backend {type(self).__name__} does not implement supports()")
+        """Can this backend compile ``node``?"""
 
+    @abstractmethod
     def compile(self, graph: Graph, options: dict[str, Any]) -> Executable:
-        raise NotImplementedError(f"backend {type(self).__name__} does not implement compile()")
+        """Compile one partition into a callable returning its outputs as a tuple."""
 
 
 def register_backend(name: str):

@@ -14,6 +14,7 @@ Contract:
 from __future__ import annotations
 
 import dataclasses
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -34,11 +35,12 @@ class PassContext:
     example_inputs: tuple | None = None
 
 
-class Pass:
+class Pass(ABC):
     name: ClassVar[str] = ""
 
+    @abstractmethod
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
-        raise NotImplementedError(f"pass {type(self).__name__} does not implement run()")
+        """Transform ``graph`` (in place) and say whether it changed."""
 
 
 class RewritePass(Pass):
