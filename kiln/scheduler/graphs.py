@@ -10,6 +10,11 @@ static shapes; float32 throughout):
   ``fold_constants=True`` then runs ``constant-fold`` and ``dce``, so weight-only computations (e.g. the
   ``permute`` of a linear layer's weight) become weights instead of activations.
   Needs the repository root on ``sys.path`` (``examples`` is not part of the kiln package).
+- ``training_graph(name, batch=None, seed=0, size="small") -> Graph``: one training step of a zoo model
+  as a single graph: forward, a mean-of-squares loss over the outputs, and the gradient of every
+  parameter (``torch.autograd.grad`` traced by ``make_fx`` with the core ATen decompositions). Parameters
+  and buffers are weights; the graph's outputs are the loss and the gradients, so the forward activations saved for
+  backward make realistic, long lifetimes.
 - ``random_dag(n_nodes, seed, n_inputs=2, ...) -> Graph``: exactly ``n_nodes`` compute nodes over
   ``n_inputs`` graph inputs (fewer if there are fewer nodes: every input is read) of shape
   ``[rows, width]`` (random rows and widths), mixing elementwise
@@ -87,6 +92,43 @@ def _export(name: str, batch: int, seed: int) -> tuple[str, Graph]:
     except KilnError:
         own = inputs[0].shape[0] if inputs and isinstance(inputs[0], torch.Tensor) and inputs[0].dim() else 0
         return f"{name}_b{own}", from_export(model, inputs, name=f"{name}_b{own}")
+
+
+def training_graph(name: str, batch: int | None = None, seed: int = 0, size: str = "small") -> Graph:
+    from torch._decomp import core_aten_decompositions
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from kiln.frontend.fx_import import import_fx
+
+    try:
+        from examples.models import REGISTRY
+    except ImportError as e:
+        raise KilnError("training_graph needs the kiln repository root on sys.path (examples.models)") from e
+    if name not in REGISTRY:
+        raise KilnError(f"unknown zoo model {name!r}; available: {sorted(REGISTRY)}")
+    model, inputs = REGISTRY[name](size=size, seed=seed)
+    if batch is not None:
+        inputs = tuple(_rebatch(x, batch) for x in inputs)
+    params = dict(model.named_parameters())
+    buffers = dict(model.named_buffers())
+    names, n_params = [*params, *buffers], len(params)
+
+    def step(*flat):
+        state = dict(zip(names, flat[:len(names)]))
+        out = torch.func.functional_call(model, state, flat[len(names):])
+        leaves = [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+        loss = sum(t.float().pow(2).mean() for t in leaves)
+        grads = torch.autograd.grad(loss, flat[:n_params], allow_unused=True)
+        return (loss, *[g for g in grads if g is not None])
+
+    model.train(False)  # batch-norm statistics stay fixed: the step is a pure function of its inputs
+    with torch.enable_grad():
+        gm = make_fx(step, decomposition_table=core_aten_decompositions(), tracing_mode="fake")(
+            *[p.detach().requires_grad_(True) for p in params.values()], *buffers.values(), *inputs)
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    state = {**params, **buffers}
+    weights = {ph.name: (w, state[w].detach()) for ph, w in zip(placeholders, names)}
+    return import_fx(gm, f"{name}_train_b{batch if batch is not None else 'own'}", weights).graph
 
 
 # -- random DAGs ---------------------------------------------------------------------------------------

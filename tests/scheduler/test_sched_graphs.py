@@ -80,3 +80,22 @@ def test_zoo_graphs_fold_constants():
     weight_only = [n for n in compute_nodes(folded)
                    if n.inputs and all(v.producer is not None and v.producer.op is WEIGHT for v in n.inputs)]
     assert weight_only == []
+
+
+def test_training_graph_matches_eager_autograd():
+    from examples.models import REGISTRY
+    from kiln.ir.to_fx import to_fx
+    from kiln.numerics import assert_match
+    from kiln.scheduler.graphs import training_graph
+
+    graph = training_graph("mlp")
+    verify(graph)
+    model, inputs = REGISTRY["mlp"]()
+    out = model(*inputs)
+    loss = sum(t.float().pow(2).mean() for t in (out if isinstance(out, tuple) else (out,)))
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    got = to_fx(graph)(*inputs)
+    assert len(got) == 1 + len(grads)
+    assert_match(got[0], loss.detach())
+    for g, ref in zip(got[1:], grads):
+        assert_match(g, ref, magnitude=float(ref.abs().max()))
