@@ -1,0 +1,94 @@
+"""One kiln graph of lowerable ops -> one compiled TVM function, called on torch tensors without copies.
+
+Contract:
+- ``build_kernel(graph, target=None, schedule=schedule_cpu) -> TVMKernel``: every node of ``graph`` must
+  satisfy ``te_ops.can_lower`` (weights are allowed: they become extra parameters bound at build time);
+  otherwise ``UnsupportedError`` names the first node that cannot be lowered. The whole graph becomes one
+  ``PrimFunc`` (inputs, weights, then outputs as parameters), scheduled by ``schedule`` and compiled by
+  ``tvm.compile`` for ``target`` (default: ``cpu_target()``, LLVM for this host with its core count).
+- ``TVMKernel(*inputs)`` allocates the outputs with torch, hands every tensor to TVM through DLPack
+  (zero-copy; non-contiguous inputs are made contiguous first) and returns the outputs as a tuple, in the
+  graph's output order. Inputs must have the shapes and dtypes the graph was built for (``KilnInputError``
+  otherwise).
+- ``kernel.source`` is the scheduled TIR (TVMScript), for reports and debugging.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from functools import cache
+
+import torch
+import tvm  # noqa: E402  (te_ops raised a clear ImportError already if TVM is missing)
+from tvm import te  # noqa: E402
+
+from kiln.errors import KilnInputError, UnsupportedError
+from kiln.ir.graph import Graph, Value, map_values
+from kiln.ir.ops import WEIGHT
+from kiln.ir.types import TensorType
+
+from .schedule import schedule_cpu
+from .te_ops import TVM_DTYPES, can_lower, lower_node
+
+
+@cache
+def cpu_target() -> tvm.target.Target:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu(),
+                              "num-cores": max(1, min(cores, torch.get_num_threads()))})
+
+
+def _placeholder(v: Value, name: str) -> te.Tensor:
+    t = v.type
+    return te.placeholder([int(d) for d in t.shape], TVM_DTYPES[t.dtype], name=name)
+
+
+class TVMKernel:
+    def __init__(self, graph: Graph, target, schedule: Callable = schedule_cpu):
+        env: dict[Value, object] = {}
+        params: list[te.Tensor] = []
+        self.input_types = [v.type for v in graph.inputs]
+        for i, v in enumerate(graph.inputs):
+            env[v] = _placeholder(v, f"in{i}")
+            params.append(env[v])
+        self.weights: list[torch.Tensor] = []
+        for node in graph.nodes:
+            if node.op is WEIGHT:
+                env[node.output] = _placeholder(node.output, f"w{len(self.weights)}")
+                params.append(env[node.output])
+                self.weights.append(graph.weights[node.attrs["name"]].contiguous())
+                continue
+            if not can_lower(node):
+                raise UnsupportedError(f"TVM cannot lower %{node.results[0].name if node.results else '?'} = "
+                                       f"{node.op.name} in @{graph.name}")
+            args = map_values(node.args, env.__getitem__)
+            kwargs = {k: map_values(a, env.__getitem__) for k, a in node.kwargs.items()}
+            env.update(zip(node.results, lower_node(node, args, kwargs)))
+        outs, seen = [], set()
+        for v in graph.outputs:
+            t = env[v]
+            if t in params or id(t) in seen:  # a parameter or a repeated output needs its own buffer
+                t = te.compute(t.shape, lambda *i, t=t: t(*i), name="out_copy")
+            seen.add(id(t))
+            outs.append(t)
+        self.output_types: list[TensorType] = [v.type for v in graph.outputs]
+        func = te.create_prim_func([*params, *outs])
+        self.module = schedule(func)
+        self.source = self.module.script()
+        self.function = tvm.compile(self.module, target=target)["main"]
+
+    def __call__(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if len(inputs) != len(self.input_types):
+            raise KilnInputError(f"kernel takes {len(self.input_types)} inputs, got {len(inputs)}")
+        for i, (x, t) in enumerate(zip(inputs, self.input_types)):
+            if tuple(x.shape) != tuple(int(d) for d in t.shape) or x.dtype != t.dtype:
+                raise KilnInputError(f"kernel input {i}: expected {t}, got {x.dtype} {tuple(x.shape)}")
+        outs = [torch.empty([int(d) for d in t.shape], dtype=t.dtype) for t in self.output_types]
+        args = [tvm.runtime.from_dlpack(x.contiguous()) for x in (*inputs, *self.weights, *outs)]
+        self.function(*args)
+        return tuple(outs)
+
+
+def build_kernel(graph: Graph, target=None, schedule: Callable = schedule_cpu) -> TVMKernel:
+    return TVMKernel(graph, target if target is not None else cpu_target(), schedule)
