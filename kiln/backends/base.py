@@ -6,7 +6,9 @@ Contract:
   Executable`` where the graph is one partition and the executable is ``callable(*inputs) -> tuple``
   returning the graph's outputs in order.
 - ``register_backend(name)`` registers a class; ``get_backend(name)`` instantiates it. A target that is
-  planned but not built yet raises ``UnsupportedError`` naming the issue that builds it; an unknown
+  built on an optional extra (``OPTIONAL_TARGETS``: ``tvm``) is imported on first use, and raises
+  ``UnsupportedError`` naming the extra when it is not installed. A target planned but not built yet
+  raises ``UnsupportedError`` naming the issue that builds it; an unknown
   target raises ``KilnInputError`` listing the known ones.
 - ``kiln.backends.compile_graph`` (in ``kiln.backends.driver``) cuts the graph with the partitioner and
   runs what the backend does not support on the reference path, reporting it.
@@ -14,11 +16,12 @@ Contract:
 
 from __future__ import annotations
 
+import importlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Any
 
-from kiln.errors import KilnInputError, UnsupportedError
+from kiln.errors import KilnInputError, UnsupportedError, first_line
 from kiln.ir.graph import Graph, Node
 
 Executable = Callable[..., tuple]
@@ -27,11 +30,14 @@ _BACKENDS: dict[str, type[Backend]] = {}
 
 # Targets named in the design whose backends are other issues' work.
 PLANNED_TARGETS = {
-    "tvm": "the TVM backend issue (#6)",
     "triton": "the Triton backend issue",
     "fpga": "the FPGA backend issue",
     "accel": "the simulated-accelerator issue",
 }
+
+
+# Targets built on optional dependencies: imported (and registered) on first use.
+OPTIONAL_TARGETS = {"tvm": ("kiln.backends.tvm.backend", "tvm")}
 
 
 class Backend(ABC):
@@ -58,6 +64,13 @@ def register_backend(name: str):
 def get_backend(name: str) -> Backend:
     import kiln.backends.reference  # noqa: F401  (registers "reference")
 
+    if name in OPTIONAL_TARGETS and name not in _BACKENDS:
+        module, extra = OPTIONAL_TARGETS[name]
+        try:
+            importlib.import_module(module)
+        except ImportError as e:
+            raise UnsupportedError(f"target {name!r} needs the optional extra: pip install 'kiln[{extra}]' "
+                                   f"({first_line(e)})") from e
     if name in _BACKENDS:
         return _BACKENDS[name]()
     if name in PLANNED_TARGETS:
@@ -68,4 +81,4 @@ def get_backend(name: str) -> Backend:
 def available_backends() -> list[str]:
     import kiln.backends.reference  # noqa: F401
 
-    return sorted(_BACKENDS)
+    return sorted(set(_BACKENDS) | set(OPTIONAL_TARGETS))

@@ -116,7 +116,8 @@ def training_graph(name: str, batch: int | None = None, seed: int = 0, size: str
     def step(*flat):
         state = dict(zip(names, flat[:len(names)]))
         out = torch.func.functional_call(model, state, flat[len(names):])
-        leaves = [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+        leaves = [t for t in torch.utils._pytree.tree_leaves(out)
+                  if isinstance(t, torch.Tensor) and t.is_floating_point()]
         loss = sum(t.float().pow(2).mean() for t in leaves)
         grads = torch.autograd.grad(loss, flat[:n_params], allow_unused=True)
         return (loss, *[g for g in grads if g is not None])

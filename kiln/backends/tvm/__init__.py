@@ -3,8 +3,9 @@
 Status: the lowering table (``te_ops``: ATen pointwise ops, views, reductions, softmax, layer/batch norm
 as tensor expressions), kiln's default CPU schedule (``schedule``: inline pointwise producers, compute
 reductions row by row, vectorise with rfactor, parallelise) and single-kernel compilation with DLPack
-exchange (``kernel``) exist and are tested op by op. Not yet: the ``tvm`` target registered with the
-backend registry (partitioning whole graphs, GEMM/conv through PyTorch's kernels, fused groups from the
-fusion pass), MetaSchedule tuning and its database, artifact export. Until then
-``options={"target": "tvm"}`` raises ``UnsupportedError`` naming issue 6.
+exchange (``kernel``) exist and are tested op by op; the ``tvm`` target (``backend``) compiles whole
+partitions — one TIR kernel per fused group's lowerable region or per lone pointwise/reduction op,
+GEMM/conv/pooling through PyTorch's kernels — and every zoo model matches the reference with it.
+Not yet: MetaSchedule tuning and its persistent database, GEMM/conv in TIR, export of the kernels as a
+shared library inside an artifact, and the e2e benchmark against Inductor/OpenVINO.
 """

@@ -10,11 +10,14 @@ Contract:
   (zero-copy; non-contiguous inputs are made contiguous first) and returns the outputs as a tuple, in the
   graph's output order. Inputs must have the shapes and dtypes the graph was built for (``KilnInputError``
   otherwise).
+- ``kernel.with_weights(graph)`` shares the compiled function with another graph of the same structure
+  (weights are parameters, bound at call time).
 - ``kernel.source`` is the scheduled TIR (TVMScript), for reports and debugging.
 """
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Callable
 from functools import cache
@@ -77,6 +80,14 @@ class TVMKernel:
         self.module = schedule(func)
         self.source = self.module.script()
         self.function = tvm.compile(self.module, target=target)["main"]
+
+    def with_weights(self, graph: Graph) -> TVMKernel:
+        """This compiled kernel bound to ``graph``'s weight tensors (a graph of the same structure)."""
+        bound = copy.copy(self)
+        bound.weights = [graph.weights[n.attrs["name"]].contiguous() for n in graph.nodes if n.op is WEIGHT]
+        if [tuple(w.shape) for w in bound.weights] != [tuple(w.shape) for w in self.weights]:
+            raise KilnInputError(f"@{graph.name}: its weights do not match the kernel's parameters")
+        return bound
 
     def __call__(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if len(inputs) != len(self.input_types):
