@@ -13,9 +13,10 @@ Contract:
   epilogue), and each lowerable node outside groups becomes its own kernel — except views and
   metadata ops, which PyTorch runs as free aliases. The executable's ``kernel_paths`` records, per
   kernel, whether TVM or PyTorch ran it.
-- Kernels are compiled once per process per (IR text, target) (``_KERNEL_CACHE``); weight tensors are
-  parameters bound at call time, so structurally equal kernels share one compiled function only when
-  their weights share names too.
+- Kernels are compiled once per process per (canonical IR text, target, schedule) (``_KERNEL_CACHE``) and
+  once per machine through the persistent ``KernelCache`` (``options["cache_dir"]``: a directory, or
+  False to stay off disk; default ``kiln.backends.tvm.cache.cache_dir()``). Weight tensors are
+  parameters bound at call time, so kernels with the same structure share one compiled function.
 - ``options["schedule"]`` may pass another schedule function (the default is ``schedule_cpu``).
 """
 
@@ -29,11 +30,11 @@ from kiln.ir.clone import clone_graph
 from kiln.ir.graph import Graph, Node
 from kiln.ir.ops import FUSED, PARTITION, WEIGHT
 from kiln.ir.outline import outline_region, topo_sort
-from kiln.ir.printer import print_graph
 from kiln.ir.to_fx import to_fx
 from kiln.passes.analysis import VIEW_OPS
 
-from .kernel import TVMKernel, cpu_target
+from .cache import KernelCache, canonical_text
+from .kernel import TVMKernel, cpu_target, schedule_id
 from .schedule import schedule_cpu
 from .te_ops import can_lower
 
@@ -61,15 +62,15 @@ def _kernel_node(node: Node) -> bool:
     return node.op is not WEIGHT and can_lower(node) and node.op.name not in VIEW_OPS
 
 
-def _kernel(graph: Graph, schedule) -> TVMKernel:
-    key = (print_graph(graph), str(cpu_target()))
+def _kernel(graph: Graph, schedule, disk: KernelCache | None) -> TVMKernel:
+    key = (canonical_text(graph), str(cpu_target()), schedule_id(schedule))
     cached = _KERNEL_CACHE.get(key)
     if cached is None:
-        cached = _KERNEL_CACHE[key] = TVMKernel(graph, cpu_target(), schedule)
+        cached = _KERNEL_CACHE[key] = TVMKernel(graph, cpu_target(), schedule, cache=disk)
     return cached.with_weights(graph)
 
 
-def _lower_regions(graph: Graph, schedule, paths: list[dict]) -> dict[Node, Any]:
+def _lower_regions(graph: Graph, schedule, disk, paths: list[dict]) -> dict[Node, Any]:
     """Outline the lowerable parts of ``graph`` as kernels; returns partition node -> executable."""
     executables: dict[Node, Any] = {}
     regions = partition(graph, _kernel_node)
@@ -79,7 +80,7 @@ def _lower_regions(graph: Graph, schedule, paths: list[dict]) -> dict[Node, Any]
         if not kernel_nodes:
             continue
         part = outline_region(graph, region, PARTITION, {"target": "tvm"}, f"{graph.name}_k{i}")
-        executables[part] = _kernel(part.subgraph, schedule)
+        executables[part] = _kernel(part.subgraph, schedule, disk)
         paths.append({"kernel": part.subgraph.name, "path": "tvm",
                       "ops": sorted({n.op.name for n in part.subgraph.nodes if n.op is not WEIGHT})})
     for node in graph.nodes:
@@ -97,15 +98,16 @@ class TVMBackend(Backend):
 
     def compile(self, graph: Graph, options: dict[str, Any]) -> Executable:
         schedule = options.get("schedule", schedule_cpu)
+        disk = KernelCache(options.get("cache_dir"))
         g = clone_graph(graph)
         paths: list[dict] = []
         submodules: dict[Node, Any] = {}
         for node in list(g.nodes):
             if node.op is FUSED:
                 inner = clone_graph(node.subgraph)
-                inner_exes = _lower_regions(inner, schedule, paths)
+                inner_exes = _lower_regions(inner, schedule, disk, paths)
                 submodules[node] = to_fx(inner, submodules=inner_exes)
-        submodules.update(_lower_regions_outside(g, schedule, paths))
+        submodules.update(_lower_regions_outside(g, schedule, disk, paths))
         gm = to_fx(g, submodules=submodules)
 
         def run(*inputs):
@@ -116,13 +118,13 @@ class TVMBackend(Backend):
         return run
 
 
-def _lower_regions_outside(graph: Graph, schedule, paths: list[dict]) -> dict[Node, Any]:
+def _lower_regions_outside(graph: Graph, schedule, disk, paths: list[dict]) -> dict[Node, Any]:
     """Lone lowerable nodes outside fused groups: one kernel each (no fusion beyond what passes decided)."""
     executables: dict[Node, Any] = {}
     for node in [n for n in graph.nodes if n.op is not FUSED and _kernel_node(n)]:
         name = f"{graph.name}_{node.results[0].name}"
         part = outline_region(graph, [node], PARTITION, {"target": "tvm"}, name)
-        executables[part] = _kernel(part.subgraph, schedule)
+        executables[part] = _kernel(part.subgraph, schedule, disk)
         paths.append({"kernel": name, "path": "tvm", "ops": [node.op.name]})
     for node in graph.nodes:
         if node.op not in (PARTITION, WEIGHT, FUSED) and node.op.name not in VIEW_OPS:

@@ -12,12 +12,16 @@ Contract:
   otherwise).
 - ``kernel.with_weights(graph)`` shares the compiled function with another graph of the same structure
   (weights are parameters, bound at call time).
-- ``kernel.source`` is the scheduled TIR (TVMScript), for reports and debugging.
+- ``kernel.source`` is the scheduled TIR (TVMScript), for reports and debugging (None when the compiled
+  function came from the cache).
+- With a ``cache`` (``kiln.backends.tvm.cache.KernelCache``), the compiled library is looked up by
+  workload key before scheduling and stored after compiling; ``kernel.cached`` says which happened.
 """
 
 from __future__ import annotations
 
 import copy
+import importlib
 import os
 from collections.abc import Callable
 from functools import cache
@@ -31,6 +35,7 @@ from kiln.ir.graph import Graph, Value, map_values
 from kiln.ir.ops import WEIGHT
 from kiln.ir.types import TensorType
 
+from .cache import KernelCache, workload_key
 from .schedule import schedule_cpu
 from .te_ops import TVM_DTYPES, can_lower, lower_node
 
@@ -47,8 +52,15 @@ def _placeholder(v: Value, name: str) -> te.Tensor:
     return te.placeholder([int(d) for d in t.shape], TVM_DTYPES[t.dtype], name=name)
 
 
+def schedule_id(schedule: Callable) -> str:
+    """A schedule's identity in cache keys: its qualified name and its ``SCHEDULE_VERSION``."""
+    version = getattr(schedule, "SCHEDULE_VERSION", getattr(importlib.import_module(schedule.__module__),
+                                                             "SCHEDULE_VERSION", "?"))
+    return f"{schedule.__module__}.{schedule.__qualname__}@{version}"
+
+
 class TVMKernel:
-    def __init__(self, graph: Graph, target, schedule: Callable = schedule_cpu):
+    def __init__(self, graph: Graph, target, schedule: Callable = schedule_cpu, cache: KernelCache | None = None):
         env: dict[Value, object] = {}
         params: list[te.Tensor] = []
         self.input_types = [v.type for v in graph.inputs]
@@ -76,10 +88,19 @@ class TVMKernel:
             seen.add(id(t))
             outs.append(t)
         self.output_types: list[TensorType] = [v.type for v in graph.outputs]
+        key = workload_key(graph, target, schedule_id(schedule)) if cache is not None else None
+        self.cached = False
+        function = cache.get(key) if cache is not None else None
+        if function is not None:
+            self.function, self.source, self.cached = function, None, True
+            return
         func = te.create_prim_func([*params, *outs])
-        self.module = schedule(func)
-        self.source = self.module.script()
-        self.function = tvm.compile(self.module, target=target)["main"]
+        module = schedule(func)
+        self.source = module.script()
+        built = tvm.compile(module, target=target)
+        self.function = built["main"]
+        if cache is not None:
+            cache.put(key, built, {"target": str(target), "schedule": schedule_id(schedule)})
 
     def with_weights(self, graph: Graph) -> TVMKernel:
         """This compiled kernel bound to ``graph``'s weight tensors (a graph of the same structure)."""

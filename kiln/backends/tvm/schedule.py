@@ -23,6 +23,7 @@ import tvm
 import tvm.s_tir as st
 from tvm.s_tir import Schedule, ScheduleError
 
+SCHEDULE_VERSION = "1"  # part of the kernel cache key: bump when the schedule's output changes
 SPATIAL = 0  # IterVar.iter_type of a data-parallel axis in TIR
 
 

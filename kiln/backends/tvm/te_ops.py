@@ -155,6 +155,12 @@ def _logical_not(node, args, kwargs):
     return topi.logical_not(_as_bool(x))
 
 
+@lowering("aten.bitwise_not")
+def _bitwise_not(node, args, kwargs):
+    x = args[0]
+    return topi.logical_not(x) if dtype_of(x) == "bool" else topi.bitwise_not(x)
+
+
 lowering("aten.logical_and")(lambda node, args, kw: topi.logical_and(_as_bool(args[0]), _as_bool(args[1])))
 lowering("aten.logical_or")(lambda node, args, kw: topi.logical_or(_as_bool(args[0]), _as_bool(args[1])))
 
@@ -401,6 +407,7 @@ def _batch_norm_inference(node, args, kwargs):
 _REFUSE: dict[str, Callable[[Node], bool]] = {
     "aten.gelu": lambda n: n.kwargs.get("approximate", n.args[1] if len(n.args) > 1 else "none")
     not in ("none", "tanh"),
+    "aten.bitwise_not": lambda n: n.inputs[0].type.dtype.is_floating_point,
     "aten._to_copy": lambda n: any(k not in ("dtype", "layout", "device", "pin_memory", "memory_format")
                                    for k in n.kwargs),
     "aten._softmax": lambda n: bool(n.args[2]) if len(n.args) > 2 else False,  # half_to_float
