@@ -4,6 +4,9 @@ Contract: it is the oracle every other backend is checked against, so it adds no
 ``compile(graph)`` is ``to_fx(graph)``. It *supports* the ops kiln's IR defines semantics for (ATen,
 prims, symbolic scalars, kiln's region ops); ops from other namespaces (custom ops) are left to the
 partitioner's eager fallback, which is how an unsupported op shows up in reports.
+With ``options={"arena": True}`` (``"arena_method"``: ``greedy`` default, ``cpsat``, ``best-fit``) the
+partition runs from one planned arena instead (``kiln.runtime.arena_exec``): same kernels, same results,
+activations at the scheduler's offsets.
 """
 
 from __future__ import annotations
@@ -25,6 +28,10 @@ class ReferenceBackend(Backend):
         return node.op.namespace in KNOWN_NAMESPACES
 
     def compile(self, graph: Graph, options: dict[str, Any]) -> Executable:
+        if options.get("arena"):
+            from kiln.runtime.arena_exec import compile_with_arena
+
+            return compile_with_arena(graph, method=options.get("arena_method", "greedy"))
         gm = to_fx(graph)
 
         def run(*inputs):
