@@ -8,7 +8,11 @@ Contract: ``CompileOptions.from_dict(d)`` accepts exactly the documented keys an
 - ``verify``: run the verifier after import and after every pass (default False);
 - ``check``: compare the compiled result with the reference on the first call (default False);
 - ``debug_dir``: dump the IR before/after every pass there (default: ``$KILN_DEBUG_DIR`` if set);
-- ``backend_options``: a dict passed to the backend's ``compile``.
+- ``backend_options``: a dict passed to the backend's ``compile``;
+- ``quantize`` (``int8``/``int8-dynamic``/``int4-weight``/``mixed``), ``prune`` (a target sparsity in
+  [0, 1)) and ``tune_trials`` (a trial budget, an int >= 0): accepted and checked, then refused with
+  ``UnsupportedError`` naming the issue that builds them (``NOT_IMPLEMENTED``) until it lands; never
+  silently ignored. ``None`` (the default) means off.
 """
 
 from __future__ import annotations
@@ -17,7 +21,16 @@ import os
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from kiln.errors import KilnInputError
+from kiln.errors import KilnInputError, UnsupportedError
+
+QUANTIZE_SCHEMES = ("int8", "int8-dynamic", "int4-weight", "mixed")
+
+# Options whose implementation is another issue's work: option -> what builds it.
+NOT_IMPLEMENTED = {
+    "quantize": "issue #7 quantization",
+    "prune": "the pruning/sparsity issue",
+    "tune_trials": "issue #6 TVM tuning",
+}
 
 
 @dataclass(frozen=True)
@@ -28,6 +41,9 @@ class CompileOptions:
     check: bool = False
     debug_dir: str | None = field(default_factory=lambda: os.environ.get("KILN_DEBUG_DIR") or None)
     backend_options: dict[str, Any] = field(default_factory=dict)
+    quantize: str | None = None
+    prune: float | None = None
+    tune_trials: int | None = None
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> CompileOptions:
@@ -44,6 +60,16 @@ class CompileOptions:
                 raise KilnInputError(f"option {key!r} must be True or False, got {d[key]!r}")
         if "backend_options" in d and not isinstance(d["backend_options"], dict):
             raise KilnInputError("option 'backend_options' must be a dict")
+        if d.get("quantize") is not None and d["quantize"] not in QUANTIZE_SCHEMES:
+            raise KilnInputError(f"option 'quantize' must be one of {', '.join(QUANTIZE_SCHEMES)}, "
+                                 f"got {d['quantize']!r}")
+        prune = d.get("prune")
+        if prune is not None and (isinstance(prune, bool) or not isinstance(prune, (int, float))
+                                  or not 0 <= prune < 1):
+            raise KilnInputError(f"option 'prune' must be a target sparsity in [0, 1), got {prune!r}")
+        trials = d.get("tune_trials")
+        if trials is not None and (isinstance(trials, bool) or not isinstance(trials, int) or trials < 0):
+            raise KilnInputError(f"option 'tune_trials' must be an int >= 0, got {trials!r}")
         opts = cls(**d)
         opts.validate()
         return opts
@@ -56,3 +82,6 @@ class CompileOptions:
             raise KilnInputError(f"unknown target {self.target!r}; known targets: "
                                  f"{', '.join(available_backends() + sorted(PLANNED_TARGETS))}")
         parse_pipeline(self.pipeline)
+        for key, issue in NOT_IMPLEMENTED.items():
+            if getattr(self, key) is not None:
+                raise UnsupportedError(f"option {key!r} is not implemented yet ({issue})")

@@ -1,5 +1,8 @@
 """The ``kiln`` CLI: compile -> run --check through both entry points (``python -m kiln.cli`` and the
-``kiln`` console script), and one-line ``kiln: error:`` messages with exit code 2 for user errors.
+``kiln`` console script), and one-line ``kiln: error:`` messages with exit code 2 for user errors;
+symbolic shape specs, saved ExportedPrograms (``.pt2``), options that are refused until their issue
+lands, and what the manifest records. (``explain``/``bench`` are in tests/report, ``bisect`` in
+tests/test_bisect.py.)
 
 Process-level behaviour is checked with subprocesses; the many error cases run ``kiln.cli.main`` in
 this process (same code path, without paying torch's import time per case).
@@ -16,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from kiln.cli import main, parse_input_spec
+from kiln.cli import InputSpec, dynamic_shapes_for, main, parse_input_spec
 
 REPO = Path(__file__).resolve().parents[1]
 MLP = "examples/models/mlp.py:make_model"
@@ -98,15 +101,33 @@ def _error_line(capsys) -> str:
     (["compile", "no_such_module_xyz:make"], "cannot import module 'no_such_module_xyz'"),
     (["compile", MLP, "-O", "nope"], "unknown pass or pipeline 'nope'"),
     (["compile", MLP, "--target", "gpu9000"], "unknown target 'gpu9000'"),
-    (["compile", MLP, "--example-inputs", "f32[2,x]"], "bad --example-inputs spec 'f32[2,x]'"),
+    (["compile", MLP, "--example-inputs", "f32[2,-3]"], "bad --example-inputs spec 'f32[2,-3]': bad dim '-3'"),
+    (["compile", MLP, "--example-inputs", "f32[2,x]"], "torch.export failed for MLP"),  # x=4 but 32 features
     (["compile", MLP, "--example-inputs", "float99[2]"], "unknown dtype 'float99'"),
     (["compile", "{tiny}:broken"], "the factory raised RuntimeError: cannot build this one"),
     (["compile", "{tiny}:just_a_model"], "--example-inputs"),
     (["compile", MLP], "Missing option '-o'"),
     (["run", "{tmp}/no-artifact"], "no such artifact directory"),
     (["frobnicate"], "No such command 'frobnicate'"),
+    (["compile", MLP, "--backend", "gpu9000"], "unknown target 'gpu9000'"),
+    (["compile", MLP, "--example-inputs", "f32[s0=1,32]"], "symbolic dim 's0' needs an example size >= 2"),
+    (["compile", MLP, "--example-inputs", "f32[b=4,32];f32[b=5,2]"], "has example size 5 here but 4"),
+    (["compile", MLP, "--quantize", "int8"], "'quantize' is not implemented yet (issue #7 quantization)"),
+    (["compile", MLP, "--quantize", "int3"], "must be one of int8, int8-dynamic, int4-weight, mixed"),
+    (["compile", MLP, "--prune", "0.5"], "'prune' is not implemented yet"),
+    (["compile", MLP, "--prune", "1.5"], "target sparsity in [0, 1)"),
+    (["compile", MLP, "--tune-trials", "8"], "'tune_trials' is not implemented yet (issue #6"),
+    (["compile", MLP, "--plugin", "nope/plugin.py"], "--plugin nope/plugin.py: no such file"),
+    (["compile", MLP, "--plugin", "no_such_plugin_mod"], "cannot import module 'no_such_plugin_mod'"),
+    (["compile", "{tmp}/missing.pt2"], "missing.pt2: no such file"),
+    (["compile", "{tmp}/not_a_program.pt2"], "cannot load a saved ExportedProgram"),
+    (["compile", "{tmp}/not_a_program.pt2", "--size", "bench"], "takes no --size"),
+    (["bench", "examples/models/mlp.py:make_modle"], "has no attribute 'make_modle'"),
+    (["bench", MLP, "--target", "gpu9000"], "unknown target 'gpu9000'"),
+    (["bench", MLP, "--example-inputs", "f32[]]"], "bad --example-inputs spec"),
 ])
 def test_user_errors_exit_2_with_one_line(args, message, tiny_models, tmp_path, capsys):
+    (tmp_path / "not_a_program.pt2").write_bytes(b"not a zip archive")
     args = [a.format(tiny=tiny_models, tmp=tmp_path) for a in args]
     if args[0] == "compile" and "-o" not in args and "Missing" not in message:
         args += ["-o", str(tmp_path / "out")]
@@ -155,5 +176,61 @@ def test_structured_outputs_and_inputs_file(tiny_models, tmp_path, capsys):
 def test_parse_input_spec():
     import torch
 
-    assert parse_input_spec("f32[2,8];i64[2, 16]") == [(torch.float32, (2, 8)), (torch.int64, (2, 16))]
-    assert parse_input_spec("float16[]") == [(torch.float16, ())]
+    assert parse_input_spec("f32[2,8];i64[2, 16]") == [InputSpec(torch.float32, (2, 8), (None, None)),
+                                                       InputSpec(torch.int64, (2, 16), (None, None))]
+    assert parse_input_spec("float16[]") == [InputSpec(torch.float16, (), ())]
+    # named dims are symbolic; one name is one dim everywhere; example size after '=' (default 4)
+    specs = parse_input_spec("f32[batch,3];i64[batch, seq=7];f32[seq]")
+    assert [(s.shape, s.dims) for s in specs] == [((4, 3), ("batch", None)), ((4, 7), ("batch", "seq")),
+                                                  ((7,), ("seq",))]
+    shapes = dynamic_shapes_for(specs)
+    assert shapes[0][0] is shapes[1][0] and shapes[1][1] is shapes[2][0] and set(shapes[0]) == {0}
+    assert dynamic_shapes_for(parse_input_spec("f32[2,8]")) is None
+
+
+def test_symbolic_batch_compiles_once_and_runs_other_sizes(tmp_path, capsys, monkeypatch):
+    import torch
+    from safetensors.torch import save_file
+
+    import kiln
+
+    monkeypatch.chdir(REPO)
+    out = tmp_path / "dyn"
+    assert main(["compile", MLP, "--example-inputs", "f32[batch=6,32]", "-o", str(out)]) == 0
+    loaded = kiln.load(out)
+    (batch,) = {str(d) for d in loaded.graph.inputs[0].type.shape if not isinstance(d, int)}
+    assert loaded.manifest["input_types"] == [f"f32[{batch}, 32]"]
+    save_file({"input_0": torch.randn(9, 32)}, tmp_path / "nine.safetensors")
+    capsys.readouterr()
+    assert main(["run", str(out), "--inputs", str(tmp_path / "nine.safetensors"), "--check"]) == 0
+    assert "output[0]: f32[9, 10]" in capsys.readouterr().out
+
+
+def test_saved_exported_program_and_manifest_contents(tmp_path, capsys, monkeypatch):
+    import json
+
+    import torch
+
+    import kiln
+    from examples.models import mlp
+
+    monkeypatch.chdir(REPO)
+    monkeypatch.delenv("KILN_CACHE_DIR", raising=False)
+    model, inputs = mlp.make_mlp(size="small")
+    program = tmp_path / "mlp.pt2"
+    torch.export.save(torch.export.export(model, inputs, strict=False), program)
+    out = tmp_path / "from-pt2"
+    assert main(["compile", str(program), "-O", "O1", "--cache-dir", str(tmp_path / "cache"), "-o", str(out)]) == 0
+    assert os.environ["KILN_CACHE_DIR"] == str((tmp_path / "cache").resolve())
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["kiln_version"] == kiln.__version__ and manifest["torch_version"] == torch.__version__
+    assert manifest["target"] == "reference" and manifest["pipeline"] == "O1"
+    assert manifest["options"] == {"target": "reference", "pipeline": "O1", "verify": False, "check": False,
+                                   "backend_options": {}}
+    assert manifest["model_ref"] == str(program.resolve()) and manifest["model_args"] == {}
+    assert set(manifest["files"]) == {"graph.kir", "weights.safetensors", "inputs.safetensors"}
+    capsys.readouterr()
+    assert main(["run", str(out), "--check"]) == 0  # rebuilds the eager model from the .pt2
+    assert "check: matches eager PyTorch" in capsys.readouterr().out
+    with torch.no_grad():
+        torch.testing.assert_close(kiln.load(out)(*inputs), model(*inputs), rtol=1e-4, atol=1e-5)
