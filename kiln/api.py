@@ -26,7 +26,7 @@ from kiln.ir.graph import Graph
 from kiln.ir.printer import format_type
 from kiln.ir.types import DTYPES, TensorType
 from kiln.options import CompileOptions
-from kiln.passes.manager import DumpIRInstrument, PassManager, VerifyInstrument
+from kiln.passes.manager import DumpIRInstrument, PassManager, VerifyInstrument, context_for
 
 
 class CompiledModel:
@@ -78,16 +78,22 @@ def check_inputs(graph: Graph, inputs: tuple) -> None:
                                          "in an earlier input")
 
 
+def optimize(graph, opts: CompileOptions, dump_dir: str | None = None) -> list:
+    """Run ``opts.pipeline`` on ``graph`` in place for ``opts.target`` (verifier and IR dumps as the options
+    say; dumps go to ``dump_dir`` or ``opts.debug_dir``); returns the pass records."""
+    instruments = [VerifyInstrument()] if opts.verify else []
+    if dump_dir or opts.debug_dir:
+        instruments.append(DumpIRInstrument(dump_dir or opts.debug_dir))
+    return PassManager.from_pipeline(opts.pipeline, instruments).run(graph, context_for(opts.target))
+
+
 def compile(model: torch.nn.Module, example_inputs: Any, target: str = "reference", pipeline: str = "O1",
             dynamic_shapes=None, **options: Any) -> CompiledModel:
     opts = CompileOptions.from_dict({"target": target, "pipeline": pipeline, **options})
     get_backend(opts.target)  # a target that is not built yet fails before the (slow) export
     example_inputs = check_model(model, example_inputs)
     graph = from_export(model, example_inputs, dynamic_shapes=dynamic_shapes)
-    instruments = [VerifyInstrument()] if opts.verify else []
-    if opts.debug_dir:
-        instruments.append(DumpIRInstrument(opts.debug_dir))
-    records = PassManager.from_pipeline(opts.pipeline, instruments).run(graph)
+    records = optimize(graph, opts)
     compiled = compile_graph(graph, opts.target, opts.backend_options)
     cm = CompiledModel(graph, compiled, graph.meta.get("out_spec"), records)
     if opts.check:

@@ -416,15 +416,11 @@ def compile_bundle(bundle: ModelBundle, opts):
                             **_compile_kwargs(opts))
     import torch
 
-    from kiln.api import CompiledModel
+    from kiln.api import CompiledModel, optimize
     from kiln.backends.driver import compile_graph
-    from kiln.passes.manager import DumpIRInstrument, PassManager, VerifyInstrument
 
     graph = import_graph(bundle)
-    instruments = [VerifyInstrument()] if opts.verify else []
-    if opts.debug_dir:
-        instruments.append(DumpIRInstrument(opts.debug_dir))
-    records = PassManager.from_pipeline(opts.pipeline, instruments).run(graph)
+    records = optimize(graph, opts)
     compiled = CompiledModel(graph, compile_graph(graph, opts.target, opts.backend_options),
                              graph.meta.get("out_spec"), records)
     if opts.check:

@@ -42,6 +42,9 @@ OPTIONAL_TARGETS = {"tvm": ("kiln.backends.tvm.backend", "tvm")}
 
 class Backend(ABC):
     name: str = ""
+    # the memory layout this backend's conv kernels run fastest on ("channels_last"), or None: the
+    # ``layout`` pass converts conv nets to it (kiln.passes.manager.context_for)
+    preferred_layout: str | None = None
 
     @abstractmethod
     def supports(self, node: Node) -> bool:

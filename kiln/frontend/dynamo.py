@@ -23,7 +23,6 @@ from kiln.errors import KilnInputError, first_line
 from kiln.frontend.fx_import import import_fx, restore_outputs
 from kiln.ir.verifier import verify
 from kiln.options import CompileOptions
-from kiln.passes.manager import DumpIRInstrument, PassManager, VerifyInstrument
 
 log = logging.getLogger("kiln")
 
@@ -94,10 +93,9 @@ def compile_aten_graph(fx_gm: torch.fx.GraphModule, inputs, opts: CompileOptions
             graph = imported.graph
             if opts.verify:
                 verify(graph)
-            instruments = [VerifyInstrument()] if opts.verify else []
-            if opts.debug_dir:
-                instruments.append(DumpIRInstrument(f"{opts.debug_dir}/{name}"))
-            PassManager.from_pipeline(opts.pipeline, instruments).run(graph)
+            from kiln.api import optimize
+
+            optimize(graph, opts, f"{opts.debug_dir}/{name}" if opts.debug_dir else None)
             compiled = compile_graph(graph, opts.target, opts.backend_options)
     except KilnInputError:
         raise

@@ -162,7 +162,8 @@ def get_op(name: str) -> OpDef:
             ov = getattr(packet, overload)
         except (AttributeError, RuntimeError):
             raise UnknownOpError(f"unknown op '{name}'") from None
-        od = _torch_opdef(ov)
+        # one OpDef per overload: "aten.relu.default" and "aten.relu" are the same op
+        od = _BY_TARGET.get(ov) or _torch_opdef(ov)
         _OPS[name] = od
         return od
     raise UnknownOpError(f"unknown op '{name}'")

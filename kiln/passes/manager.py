@@ -1,6 +1,7 @@
 """The pass manager: named pipelines of registered passes, run with instruments.
 
 Contract:
+- ``context_for(target)`` is the ``PassContext`` for compiling to a target (its preferred layout).
 - ``PIPELINES`` maps a pipeline name (``O0``, ``O1``, ``O2``) to pass names; ``register_pipeline``
   adds more. ``parse_pipeline("O1")`` or ``parse_pipeline("canonicalize,cse,my-pass")`` gives the pass
   names (pipeline names expand in place); unknown names raise ``KilnInputError``.
@@ -27,8 +28,18 @@ from kiln.passes.base import Pass, PassContext, PassResult, get_pass, registered
 PIPELINES: dict[str, list[str]] = {
     "O0": [],
     "O1": ["canonicalize", "constant-fold", "cse", "dce"],
-    "O2": ["O1"],  # fusion and layout passes join here (fusion issue)
+    # inference rewrites, then layout (before fusion hides the convs), then fusion
+    "O2": ["O1", "fold-bn", "fuse-attention", "layout", "dce"],
 }
+
+
+def context_for(target: str, **options: Any) -> PassContext:
+    """The pass context a pipeline runs in when compiling for ``target``: the target's name and what its
+    backend prefers (``prefer_layout``: ``layout`` converts conv nets to it), plus ``options``."""
+    from kiln.backends.base import get_backend
+
+    backend = get_backend(target)
+    return PassContext(options={"target": target, "prefer_layout": backend.preferred_layout, **options})
 
 
 def register_pipeline(name: str, passes: list[str]) -> None:

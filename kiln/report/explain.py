@@ -30,7 +30,7 @@ from kiln.ir.graph import Graph, Node
 from kiln.ir.ops import FUSED
 from kiln.ir.printer import format_type
 from kiln.ir.types import TensorType
-from kiln.passes.manager import PassManager, PassRecord, run_reference
+from kiln.passes.manager import PassManager, PassRecord, context_for, run_reference
 from kiln.report.memory import MemoryTimeline, memory_timeline
 from kiln.report.roofline import REFERENCE_PEAKS, KernelRow, MachinePeaks, kernel_rows, measure_machine, time_nodes
 
@@ -107,7 +107,7 @@ def explain(graph: Graph, inputs: tuple, pipeline: str = "O1", target: str = "re
 
     before = clone_graph(graph)
     start = time.perf_counter()
-    records = PassManager.from_pipeline(pipeline).run(graph)
+    records = PassManager.from_pipeline(pipeline).run(graph, context_for(target))
     compiled = compile_graph(graph, target)
     compile_s = time.perf_counter() - start
     with torch.no_grad():

@@ -49,3 +49,13 @@ def test_unknown_op_is_a_kiln_error():
         get_op("aten.not_an_op")
     with pytest.raises(KilnError, match="unknown op"):
         get_op("kiln.nope")
+
+
+def test_default_overload_spellings_are_one_opdef():
+    import torch
+
+    from kiln.ir.ops import aten, get_op, op_for_target
+
+    by_target = op_for_target(torch.ops.aten.hardswish.default)
+    assert get_op("aten.hardswish.default") is by_target
+    assert aten.hardswish.default is by_target and get_op("aten.hardswish") is by_target
