@@ -27,7 +27,7 @@ test-slow: setup
 	$(PY) -m pytest -m slow || [ $$? -eq 5 ]
 
 lint: setup
-	$(VENV)/bin/ruff check kiln examples tests
+	$(VENV)/bin/ruff check kiln examples tests scripts benchmarks
 
 clean:
 	rm -rf out .kiln-debug
