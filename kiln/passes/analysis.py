@@ -7,10 +7,13 @@ Contract (static shapes; a symbolic dim raises ``KilnError`` naming the value):
   ``bytes_read``/``bytes_written``: the distinct tensor inputs and the outputs. View and metadata ops
   (``VIEW_OPS``, ``sym.*``, ``kiln.weight``) are not kernels and cost nothing. A region node
   (``kiln.fused``/``kiln.partition``) is one kernel: its FLOPs are its subgraph's, its bytes only its
-  own inputs and outputs (intermediates stay on chip).
+  own inputs and outputs plus the weights its subgraph reads (outlining moves weight reads inside;
+  intermediates stay on chip).
 - ``graph_cost(graph) -> GraphCost``: totals, ``kernels`` (kernel nodes), and ``intermediate_bytes``:
   for every tensor a kernel writes and another kernel of the graph reads (through views), its bytes
-  once for the write plus once per reading kernel. Weights and graph inputs are not intermediates.
+  once for the write plus once per reading kernel — the part that kernel reads: a narrowing view
+  (``select``, ``slice``, ``split``) reads only its elements, never more than the whole tensor (an
+  ``expand`` reads the tensor once). Weights and graph inputs are not intermediates.
 These are the numbers fusion decisions and roofline columns are made from.
 """
 
@@ -92,6 +95,7 @@ def node_cost(node: Node) -> NodeCost:
     cost = NodeCost(bytes_read=sum(map(_nbytes, ins)), bytes_written=sum(map(_nbytes, outs)), is_kernel=True)
     if node.subgraph is not None:
         cost.flops = graph_cost(node.subgraph).flops
+        cost.bytes_read += sum(_nbytes(n.output) for n in node.subgraph.nodes if n.op is WEIGHT)
         return cost
     if node.op.is_torch_op and node.op.target.overloadpacket in _flop_formulas():
         with FlopCounterMode(display=False) as counter:
@@ -120,7 +124,7 @@ def _base(v: Value) -> Value:
 
 def graph_cost(graph: Graph) -> GraphCost:
     total = GraphCost()
-    readers: dict[Value, set[Node]] = {}
+    reads: dict[Value, dict[Node, int]] = {}  # tensor -> reading kernel -> bytes it reads of it
     for node in graph.nodes:
         c = node_cost(node)
         total.flops += c.flops
@@ -129,10 +133,12 @@ def graph_cost(graph: Graph) -> GraphCost:
         if c.is_kernel:
             total.kernels += 1
             for v in _tensor_inputs(node):
-                readers.setdefault(_base(v), set()).add(node)
-    for value, nodes in readers.items():
+                base = _base(v)
+                by_node = reads.setdefault(base, {})
+                by_node[node] = min(by_node.get(node, 0) + _nbytes(v), _nbytes(base))
+    for value, by_node in reads.items():
         producer = value.producer
         if producer is not None and producer.op is not WEIGHT and is_kernel(producer):
-            total.intermediate_bytes += _nbytes(value) * (1 + len(nodes))
+            total.intermediate_bytes += _nbytes(value) + sum(by_node.values())
     return total
 

@@ -29,7 +29,7 @@ PIPELINES: dict[str, list[str]] = {
     "O0": [],
     "O1": ["canonicalize", "constant-fold", "cse", "dce"],
     # inference rewrites, then layout (before fusion hides the convs), then fusion
-    "O2": ["O1", "fold-bn", "fuse-attention", "layout", "dce"],
+    "O2": ["O1", "fold-bn", "fuse-attention", "layout", "fuse", "dce"],
 }
 
 
