@@ -105,6 +105,17 @@ class Node:
     def users(self) -> list[Node]:
         return list(dict.fromkeys(u for r in self.results for u in r.uses))
 
+    def bound_args(self) -> dict[str, Any]:
+        """The arguments by schema name, defaults filled in (torch ops; others: positional indices)."""
+        schema = getattr(self.op, "schema", None)
+        if schema is None:
+            return {**dict(enumerate(self.args)), **self.kwargs}
+        out = {a.name: a.default_value for a in schema.arguments if a.has_default_value()}
+        positional = [a for a in schema.arguments if not a.kwarg_only]
+        out.update({a.name: v for a, v in zip(positional, self.args)})
+        out.update(self.kwargs)
+        return out
+
     def set_args(self, args: tuple, kwargs: dict[str, Any] | None = None) -> None:
         self._unlink()
         self.args = tuple(args)

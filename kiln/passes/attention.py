@@ -60,15 +60,6 @@ _SDPA_OPS = ("scaled_dot_product_attention", "_scaled_dot_product_flash_attentio
 _MAX_CONE = 64  # nodes evaluated to decide whether a constant mask is causal
 
 
-def bound_args(node: Node) -> dict[str, Any]:
-    """The node's arguments by schema name, defaults filled in."""
-    schema = node.op.schema
-    out = {a.name: a.default_value for a in schema.arguments if a.has_default_value()}
-    positional = [a for a in schema.arguments if not a.kwarg_only]
-    out.update({a.name: v for a, v in zip(positional, node.args)})
-    out.update(node.kwargs)
-    return out
-
 
 def _target(node: Node | None):
     return None if node is None else node.op.target
@@ -510,7 +501,7 @@ def _match_sdpa(graph: Graph, node: Node) -> _Match | None:
     packet = node.op.packet
     if packet is None or packet.namespace != "aten" or packet.op not in _SDPA_OPS or node.op.side_effects:
         return None
-    args = bound_args(node)
+    args = node.bound_args()
     if args.get("enable_gqa", False) or args.get("return_debug_mask", False):
         return None
     q, k, v = args["query"], args["key"], args["value"]

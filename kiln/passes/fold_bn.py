@@ -41,15 +41,6 @@ _BATCH_NORMS = ("_native_batch_norm_legit_no_training", "native_batch_norm", "ba
                 "_native_batch_norm_legit_functional", "_batch_norm_no_update")
 
 
-def bound_args(node: Node) -> dict[str, Any]:
-    """The node's arguments by schema name, defaults filled in."""
-    schema = node.op.schema
-    out = {a.name: a.default_value for a in schema.arguments if a.has_default_value()}
-    positional = [a for a in schema.arguments if not a.kwarg_only]
-    out.update({a.name: v for a, v in zip(positional, node.args)})
-    out.update(node.kwargs)
-    return out
-
 
 def _is_weight(v: Any) -> bool:
     return isinstance(v, Value) and v.producer is not None and v.producer.op is WEIGHT
@@ -79,7 +70,7 @@ class _BatchNorm:
 def _constant_batch_norm(graph: Graph, node: Node) -> _BatchNorm | None:
     if node.op.packet is None or node.op.packet.op not in _BATCH_NORMS or node.op.side_effects:
         return None
-    args = bound_args(node)
+    args = node.bound_args()
     if args.get("training", False):
         return None
     if any(r.uses or any(o is r for o in graph.outputs) for r in node.results[1:]):
@@ -134,7 +125,7 @@ def _fold_into_conv(graph: Graph, bn: _BatchNorm) -> bool:
         return False
     if not _only_reader(conv.output, bn.node, graph):
         return False
-    args = bound_args(conv)
+    args = conv.bound_args()
     weight, bias = args["weight"], args["bias"]
     if not _is_weight(weight) or not (bias is None or _is_weight(bias)):
         return False
@@ -173,7 +164,7 @@ def _fold_into_linear(graph: Graph, bn: _BatchNorm) -> bool:
         return False
     if not _only_reader(mm.output, bn.node, graph):
         return False
-    args = bound_args(mm)
+    args = mm.bound_args()
     if mm.op.target is ATEN.addmm.default:
         bias = args["self"]
         if args["beta"] != 1 or args["alpha"] != 1 or not _is_weight(bias) or bias.type.rank != 1:
