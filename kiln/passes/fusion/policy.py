@@ -17,11 +17,13 @@ policy only decides whether a merge pays. A ``Candidate`` is all a policy sees:
   second.io_bytes - io_bytes (an intermediate no longer written and re-read; a shared input read once);
   ``distance``: how many kernels apart the two groups start in graph order.
 
-``DefaultPolicy``: refuse merges that save no bytes, grow a group beyond ``max_kernels`` kernels
-(Inductor's ``max_fusion_size`` is 64 too) or join siblings more than ``max_sibling_distance`` kernels
-apart (Inductor tries pairs within 64 nodes: a forward op and its backward twin share a read but
-merging them would keep the forward's inputs alive); otherwise score = bytes saved, producer-consumer
-before siblings, then closer pairs first. A learned policy (the cost model) subclasses ``FusionPolicy``.
+``DefaultPolicy``: refuse merges that save no bytes, grow a group beyond ``max_kernels`` ATen kernels
+(256: Inductor's ``max_fusion_size`` is 64 of its scheduler nodes, each usually several ATen ops it
+has inlined; on the zoo's Mamba, 64 ATen ops cut each layer's scan into ~10 kernels) or join siblings
+more than ``max_sibling_distance`` kernels apart (Inductor tries pairs within 64 nodes: a forward op and
+its backward twin share a read, but merging them would keep the forward's inputs alive); otherwise
+score = bytes saved, producer-consumer before siblings, then closer pairs first. A learned policy
+(the cost model) subclasses ``FusionPolicy``.
 """
 
 from __future__ import annotations
@@ -62,7 +64,7 @@ class FusionPolicy(ABC):
 
 @dataclass(frozen=True)
 class DefaultPolicy(FusionPolicy):
-    max_kernels: int = 64
+    max_kernels: int = 256
     min_bytes_saved: int = 1
     max_sibling_distance: int = 64
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-import kiln.passes.fusion  # noqa: F401  (registers "fuse" until kiln.passes.builtin imports it)
+import kiln.passes.fusion  # noqa: F401  (registers "fuse"; kiln.passes.builtin imports it too)
 from kiln.ir.clone import clone_graph
 from kiln.ir.graph import Graph
 from kiln.ir.ops import FUSED, WEIGHT
