@@ -1,0 +1,646 @@
+"""Lowering of kiln's quantized ops onto real integer kernels, chosen per op by measurement.
+
+Contract:
+- ``LOWERINGS[op]`` is the list of candidate lowerings of one kiln quantized op, in preference order;
+  a ``Candidate`` has a ``name``, ``applies(args) -> None | reason`` and ``emit(builder, args) -> Value``
+  that builds the replacement from ops PyTorch runs (oneDNN's int8 kernels ``onednn.qconv_pointwise``,
+  ``onednn.qconv2d_pointwise.binary``, ``onednn.qlinear_pointwise``, ``aten._int_mm``,
+  ``aten._weight_int4pack_mm_for_cpu``, ``aten._weight_int8pack_mm``, PyTorch's quantize kernels, a
+  float path on dequantized weights, or kiln's own reference op). Pre-packed weights become new
+  ``kiln.weight`` tensors (oneDNN's opaque layout; a lowered graph is for running, not for saving).
+- ``lower_graph(graph, example_inputs=None, measure=True) -> LoweringReport`` rewrites every kiln
+  quantized op in place. With example inputs, each node's real inputs are captured by one reference run,
+  every applicable candidate is run on them, checked against the reference op (integer outputs within
+  one quantization step, float outputs within ``1e-3`` of the output's largest magnitude; a candidate
+  that fails is reported and never chosen) and timed (interleaved rounds; the fastest round counts, as
+  the one other load on the machine disturbed least); the fastest correct one wins. Without inputs (or
+  ``measure=False``) the first applicable candidate is taken.
+- A fused residual (``other``) is accumulated in place by oneDNN's ``sum`` post-op when the residual
+  tensor is a fresh channels-last tensor (a oneDNN convolution's result, or an integer max pool of one)
+  that is dead after the op (no later reader, no view of it, not a graph output); otherwise it is
+  copied to channels-last first.
+- A quantize read only by oneDNN convolutions is timed together with them, once producing contiguous
+  and once channels-last integers (``kiln.torch_quantize_channels_last``); the faster pair wins.
+- Integer max pools whose indices are unused run on ``quantized.max_pool2d`` (aten's rejects channels-last
+  uint8 tensors); ``view`` becomes ``reshape`` (kernels hand on channels-last tensors).
+- ``report.rows``: one per lowered node (``node``, ``op``, ``shape``, ``chosen``, ``us`` per candidate
+  or the reason it was not used); ``report.paths()`` counts nodes per chosen path.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from kiln.errors import KilnError
+from kiln.ir import quant_ops
+from kiln.ir.builder import Builder
+from kiln.ir.clone import clone_graph
+from kiln.ir.graph import Graph, Node, Value, map_values
+from kiln.ir.ops import WEIGHT, OpDef, aten, get_op, register_kiln_op
+from kiln.ir.quant_ops import (
+    DEQUANTIZE,
+    DYNAMIC_QLINEAR,
+    QCONV2D,
+    QLINEAR,
+    QUANTIZE,
+    WQ_LINEAR,
+)
+from kiln.ir.to_fx import to_fx
+from kiln.ir.types import TensorType
+from kiln.passes.dce import eliminate_dead_code
+from kiln.passes.quantize.calibrate import tap
+from kiln.passes.quantize.layers import fresh_weight_name, transparent_input
+
+F32 = torch.float32
+I32 = torch.int32
+
+
+# -- PyTorch's per-tensor quantize/dequantize kernels as kiln ops ------------------------------------------
+
+_QTYPES = {torch.uint8: torch.quint8, torch.int8: torch.qint8}
+# PyTorch 2.13 deprecates creating quantized tensors; its per-tensor kernels are still the fastest here
+warnings.filterwarnings("ignore", message=r"torch\.quantize_per_tensor, torch\.quantize_per_channel")
+
+
+def _integer_view(q: torch.Tensor) -> torch.Tensor:
+    """The integers of a quantized tensor without a copy (``int_repr`` copies, slowly)."""
+    return torch.empty(0, dtype=_INT_OF[q.dtype]).set_(q.untyped_storage(), q.storage_offset(), q.size(), q.stride())
+
+
+_INT_OF = {torch.quint8: torch.uint8, torch.qint8: torch.int8}
+
+
+def torch_quantize(x, scale: float, zero_point: int, qmin: int, qmax: int, dtype: torch.dtype):
+    """PyTorch's fused quantize kernel (``quantize_per_tensor``), its integers viewed as ``dtype``."""
+    return _integer_view(torch.quantize_per_tensor(x, scale, zero_point, _QTYPES[dtype]))
+
+
+def torch_quantize_channels_last(x, scale: float, zero_point: int, qmin: int, qmax: int, dtype: torch.dtype):
+    """The same on a channels-last copy of ``x`` (the layout oneDNN's int8 convolutions run on)."""
+    return torch_quantize(x.contiguous(memory_format=torch.channels_last), scale, zero_point, qmin, qmax, dtype)
+
+
+def torch_dequantize(q, scale: float, zero_point: int):
+    return torch._make_per_tensor_quantized_tensor(q, scale, zero_point).dequantize()
+
+
+def _infer_quantize_cl(op, args, kwargs, attrs, subgraph):
+    return [t.with_(layout="channels_last") for t in QUANTIZE.infer_fn(op, args, kwargs, attrs, subgraph)]
+
+
+TORCH_QUANTIZE = register_kiln_op("torch_quantize", infer=QUANTIZE.infer_fn, target=torch_quantize,
+                                  doc="PyTorch's quantize_per_tensor kernel (full-range u8/i8 only)")
+TORCH_QUANTIZE_CL = register_kiln_op("torch_quantize_channels_last", infer=_infer_quantize_cl,
+                                     target=torch_quantize_channels_last,
+                                     doc="PyTorch's quantize_per_tensor kernel on a channels-last copy (4-D)")
+TORCH_DEQUANTIZE = register_kiln_op("torch_dequantize", infer=DEQUANTIZE.infer_fn, target=torch_dequantize,
+                                    doc="PyTorch's dequantize kernel for a per-tensor u8/i8 tensor")
+
+
+# -- candidates ----------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Candidate:
+    name: str
+    emit: Callable[[Builder, dict], Value]
+    applies: Callable[[dict], str | None] = lambda a: None
+
+
+def _const(v: Value) -> torch.Tensor:
+    p = v.producer
+    if p is None or p.op is not WEIGHT:
+        raise KilnError(f"%{v.name} must be a kiln.weight to be pre-packed")
+    return v.graph.weights[p.attrs["name"]]
+
+
+def _weight_name(v: Value) -> str:
+    return v.producer.attrs["name"]
+
+
+def _add_weight(b: Builder, base: str, tensor: torch.Tensor) -> Value:
+    return b.weight(fresh_weight_name(b.graph, base), tensor)
+
+
+def _static_shape(v: Value) -> list[int] | None:
+    t = v.type
+    return list(t.shape) if isinstance(t, TensorType) and t.is_static else None
+
+
+def _reference(b: Builder, a: dict, op: OpDef) -> Value:
+    return b.call(op, *a.values())
+
+
+def _emit_dequant(b: Builder, q: Value, scale, zp) -> Value:
+    i = b.call(aten._to_copy, q, dtype=I32)
+    if zp != 0:
+        i = b.call(aten.sub.Tensor, i, zp)
+    return b.call(aten.mul.Tensor, b.call(aten._to_copy, i, dtype=F32), scale)
+
+
+def _emit_quant(b: Builder, y: Value, scale, zp, dtype: torch.dtype) -> Value:
+    lo, hi = quant_ops.INT_RANGES[dtype]
+    t = b.call(aten.round, b.call(aten.div.Tensor, y, scale))
+    if zp != 0:
+        t = b.call(aten.add.Tensor, t, zp)
+    return b.call(aten._to_copy, b.call(aten.clamp, t, lo, hi), dtype=dtype)
+
+
+def _emit_epilogue_float(b: Builder, y: Value, a: dict) -> Value:
+    """Residual, relu and requantization in float ops, on a float ``y`` that already has bias."""
+    if a["other"] is not None:
+        y = b.call(aten.add.Tensor, y, _emit_dequant(b, a["other"], a["other_scale"], a["other_zp"]))
+    if a["post_op"] == "relu":
+        y = b.call(aten.relu, y)
+    if a["out_dtype"] != F32:
+        y = _emit_quant(b, y, a["out_scale"], a["out_zp"], a["out_dtype"])
+    return y
+
+
+def _attr(a: dict) -> str:
+    return "relu" if a["post_op"] == "relu" else "none"
+
+
+def _needs_zero_weight_zps(a: dict) -> str | None:
+    return None if not bool(_const(a["w_zps"]).any()) else "weight zero points must be 0"
+
+
+def _onednn_conv(b: Builder, a: dict) -> Value:
+    qx = a["qx"]
+    packed = torch.ops.onednn.qconv_prepack(
+        _const(a["qw"]).contiguous(), _const(a["w_scales"]), a["x_scale"], a["x_zp"], a["stride"], a["padding"],
+        a["dilation"], a["groups"], _static_shape(qx))
+    pw = _add_weight(b, _weight_name(a["qw"]) + ".onednn", packed)
+    wz = _add_weight(b, _weight_name(a["w_zps"]) + ".i64", _const(a["w_zps"]).to(torch.int64))
+    common = (qx, a["x_scale"], a["x_zp"], pw, a["w_scales"], wz)
+    conv = (a["stride"], a["padding"], a["dilation"], a["groups"])
+    other, out_dtype = a["other"], a["out_dtype"]
+    if other is not None and out_dtype != F32 and other.type.dtype == out_dtype:
+        # oneDNN accumulates into a channels-last tensor; the copy goes again when other is dead after this
+        acc = b.call(aten.clone, other, memory_format=torch.channels_last)
+        return b.call(get_op("onednn.qconv2d_pointwise.binary"), *common, acc, a["bias"], *conv, a["out_scale"],
+                      a["out_zp"], out_dtype, a["other_scale"], a["other_zp"], "sum", 1.0, _attr(a), [], "")
+    if other is None:
+        scale, zp = (a["out_scale"], a["out_zp"]) if out_dtype != F32 else (1.0, 0)
+        return b.call(get_op("onednn.qconv_pointwise"), *common, a["bias"], *conv, scale, zp, out_dtype, _attr(a),
+                      [], "")
+    y = b.call(get_op("onednn.qconv_pointwise"), *common, a["bias"], *conv, 1.0, 0, F32, "none", [], "")
+    return _emit_epilogue_float(b, y, a)
+
+
+def _onednn_linear(b: Builder, a: dict) -> Value:
+    qx = a["qx"]
+    shape = _static_shape(qx)
+    x2d = [int(torch.tensor(shape[:-1]).prod()), shape[-1]] if shape else None
+    packed = torch.ops.onednn.qlinear_prepack(_const(a["qw"]).contiguous(), x2d)
+    pw = _add_weight(b, _weight_name(a["qw"]) + ".onednn", packed)
+    wz = _add_weight(b, _weight_name(a["w_zps"]) + ".i64", _const(a["w_zps"]).to(torch.int64))
+    common = (qx, a["x_scale"], a["x_zp"], pw, a["w_scales"], wz)
+    other, out_dtype = a["other"], a["out_dtype"]
+    if other is None:
+        scale, zp = (a["out_scale"], a["out_zp"]) if out_dtype != F32 else (1.0, 0)
+        return b.call(get_op("onednn.qlinear_pointwise"), *common, a["bias"], scale, zp, out_dtype, _attr(a), [], "")
+    y = b.call(get_op("onednn.qlinear_pointwise"), *common, a["bias"], 1.0, 0, F32, "none", [], "")
+    return _emit_epilogue_float(b, y, a)
+
+
+def _scale_vector(b: Builder, a: dict, name: str) -> Value:
+    mult = torch.tensor(a["x_scale"], dtype=F32) * _const(a["w_scales"]).to(F32)
+    return _add_weight(b, _weight_name(a["w_scales"]) + name, mult)
+
+
+def _dequant_weight(b: Builder, a: dict) -> Value:
+    w = quant_ops.dequantize_per_channel(_const(a["qw"]), _const(a["w_scales"]), _const(a["w_zps"]), 0)
+    return _add_weight(b, _weight_name(a["qw"]) + ".f32", w.contiguous())
+
+
+def _fp32_conv(b: Builder, a: dict) -> Value:
+    x = _emit_dequant(b, a["qx"], a["x_scale"], a["x_zp"])
+    y = b.call(aten.convolution, x, _dequant_weight(b, a), a["bias"], a["stride"], a["padding"], a["dilation"],
+               False, [0, 0], a["groups"])
+    return _emit_epilogue_float(b, y, a)
+
+
+def _fp32_linear(b: Builder, a: dict) -> Value:
+    x = _emit_dequant(b, a["qx"], a["x_scale"], a["x_zp"])
+    y = b.call(aten.linear, x, _dequant_weight(b, a), a["bias"])
+    return _emit_epilogue_float(b, y, a)
+
+
+def _int_mm_linear(b: Builder, a: dict) -> Value:
+    """int8 x int8 -> int32 with aten._int_mm; uint8 activations are shifted by 128 and corrected."""
+    qx, qw = a["qx"], _const(a["qw"])
+    shape = list(qx.type.shape)
+    x2d = b.call(aten.view, qx, [-1, shape[-1]])
+    if qx.type.dtype == torch.uint8:
+        x2d = b.call(aten._to_copy, b.call(aten.sub.Tensor, b.call(aten._to_copy, x2d, dtype=torch.int16), 128),
+                     dtype=torch.int8)
+        shift = 128
+    else:
+        shift = 0
+    wt = _add_weight(b, _weight_name(a["qw"]) + ".t", qw.t().contiguous())
+    acc = b.call(aten._int_mm, x2d, wt)
+    corr = (shift - a["x_zp"]) * qw.to(torch.int64).sum(dim=1)
+    if bool(corr.any()):
+        acc = b.call(aten.add.Tensor, acc, _add_weight(b, _weight_name(a["qw"]) + ".corr", corr.to(I32)))
+    y = b.call(aten.mul.Tensor, b.call(aten._to_copy, acc, dtype=F32), _scale_vector(b, a, ".mult"))
+    if a["bias"] is not None:
+        y = b.call(aten.add.Tensor, y, a["bias"])
+    y = b.call(aten.view, y, [*shape[:-1], qw.shape[0]])
+    return _emit_epilogue_float(b, y, a)
+
+
+def _int_mm_applies(a: dict) -> str | None:
+    if not all(isinstance(d, int) for d in a["qx"].type.shape):
+        return "needs static shapes"
+    return _needs_zero_weight_zps(a)
+
+
+def _onednn_dynamic_linear(b: Builder, a: dict) -> Value:
+    x = a["x"]
+    qmin, qmax = a["qmin"], a["qmax"]
+    lo = b.call(aten.clamp_max, b.call(aten.min, x), 0.0)
+    hi = b.call(aten.clamp_min, b.call(aten.max, x), 0.0)
+    scale = b.call(aten.div.Tensor, b.call(aten.sub.Tensor, hi, lo), float(qmax - qmin))
+    scale = b.call(aten.where.ScalarSelf, b.call(aten.eq.Scalar, scale, 0), 1.0, scale)
+    zp = b.call(aten.clamp, b.call(aten.round, b.call(aten.rsub.Scalar, b.call(aten.div.Tensor, lo, scale),
+                                                       float(qmin))), qmin, qmax)
+    zp = b.call(aten._to_copy, zp, dtype=I32)
+    t = b.call(aten.add.Tensor, b.call(aten.round, b.call(aten.div.Tensor, x, scale)), zp)
+    qx = b.call(aten._to_copy, b.call(aten.clamp, t, qmin, qmax), dtype=torch.uint8)
+    shape = _static_shape(x)
+    x2d = [int(torch.tensor(shape[:-1]).prod()), shape[-1]] if shape else None
+    pw = _add_weight(b, _weight_name(a["qw"]) + ".onednn", torch.ops.onednn.qlinear_prepack(
+        _const(a["qw"]).contiguous(), x2d))
+    wz = _add_weight(b, _weight_name(a["w_zps"]) + ".i64", _const(a["w_zps"]).to(torch.int64))
+    return b.call(get_op("onednn.qlinear_pointwise.tensor"), qx, scale, zp, pw, a["w_scales"], wz, a["bias"], 1.0, 0,
+                  F32, "none", [], "")
+
+
+def _dynamic_applies(a: dict) -> str | None:
+    return None if (a["qmin"], a["qmax"]) == (0, 255) else "oneDNN takes full-range uint8 activations"
+
+
+def _fp32_dynamic_linear(b: Builder, a: dict) -> Value:
+    w = quant_ops.dequantize_per_channel(_const(a["qw"]), _const(a["w_scales"]), _const(a["w_zps"]), 0)
+    return b.call(aten.linear, a["x"], _add_weight(b, _weight_name(a["qw"]) + ".f32", w.contiguous()), a["bias"])
+
+
+def _int4pack_applies(a: dict) -> str | None:
+    qw = _const(a["qw"])
+    n, k = qw.shape
+    if qw.dtype != torch.uint8 or int(qw.max()) > 15:
+        return "needs uint4 values in a uint8 tensor"
+    if a["group_size"] not in (32, 64, 128, 256) or n % 16 or k % a["group_size"]:
+        return "needs group size 32/64/128/256 and N divisible by 16"
+    return None
+
+
+def _as_2d(b: Builder, x: Value) -> tuple[Value, list]:
+    shape = list(x.type.shape)
+    return (b.call(aten.reshape, x, [-1, shape[-1]]) if len(shape) != 2 else x), shape
+
+
+def _back_to_shape(b: Builder, y: Value, shape: list, n: int) -> Value:
+    return b.call(aten.reshape, y, [*shape[:-1], n]) if len(shape) != 2 else y
+
+
+def _int4pack(b: Builder, a: dict, dtype: torch.dtype) -> Value:
+    qw, scales, zps = _const(a["qw"]), _const(a["w_scales"]).to(F32), _const(a["w_zps"]).to(F32)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(qw.to(I32).contiguous(), 2)
+    # aten's int4 format dequantizes (q - 8) * scale + zero; kiln's is (q - zp) * scale
+    sz = torch.stack([scales, (8.0 - zps) * scales], dim=-1).transpose(0, 1).contiguous().to(dtype)
+    pw = _add_weight(b, _weight_name(a["qw"]) + ".int4pack", packed)
+    szv = _add_weight(b, _weight_name(a["w_scales"]) + f".int4pack.{str(dtype).removeprefix('torch.')}", sz)
+    x2d, shape = _as_2d(b, a["x"])
+    if dtype != F32:
+        x2d = b.call(aten._to_copy, x2d, dtype=dtype)
+    y = b.call(aten._weight_int4pack_mm_for_cpu, x2d, pw, a["group_size"], szv)
+    if dtype != F32:
+        y = b.call(aten._to_copy, y, dtype=F32)
+    if a["bias"] is not None:
+        y = b.call(aten.add.Tensor, y, a["bias"])
+    return _back_to_shape(b, y, shape, qw.shape[0])
+
+
+def _dequant_per_call(b: Builder, a: dict) -> Value:
+    """Dequantize the integer weight at every call (groups as a [N, K/g, g] view) and run a float matmul:
+    the weight stays 8-bit in memory, the arithmetic is float32."""
+    qw = _const(a["qw"])
+    n, k = qw.shape
+    g = a["group_size"]
+    q3 = _add_weight(b, _weight_name(a["qw"]) + ".groups", qw.reshape(n, k // g, g).contiguous())
+    s3 = _add_weight(b, _weight_name(a["w_scales"]) + ".groups", _const(a["w_scales"]).to(F32).reshape(n, k // g, 1))
+    z3 = _add_weight(b, _weight_name(a["w_zps"]) + ".groups", _const(a["w_zps"]).to(F32).reshape(n, k // g, 1))
+    w = b.call(aten.mul.Tensor, b.call(aten.sub.Tensor, b.call(aten._to_copy, q3, dtype=F32), z3), s3)
+    w = b.call(aten.view, w, [n, k])
+    return b.call(aten.linear, a["x"], w, a["bias"])
+
+
+def _int8pack_applies(a: dict) -> str | None:
+    qw = _const(a["qw"])
+    if qw.dtype != torch.int8 or a["group_size"] != qw.shape[1] or bool(_const(a["w_zps"]).any()):
+        return "needs a symmetric per-channel int8 weight"
+    return None
+
+
+def _int8pack_linear(b: Builder, a: dict) -> Value:
+    x2d, shape = _as_2d(b, a["x"])
+    scales = _add_weight(b, _weight_name(a["w_scales"]) + ".vec", _const(a["w_scales"]).reshape(-1).to(F32))
+    y = b.call(aten._weight_int8pack_mm, x2d, a["qw"], scales)
+    if a["bias"] is not None:
+        y = b.call(aten.add.Tensor, y, a["bias"])
+    return _back_to_shape(b, y, shape, _const(a["qw"]).shape[0])
+
+
+def _full_range(a: dict) -> str | None:
+    dt = a["dtype"]
+    if dt not in _QTYPES or (a["qmin"], a["qmax"]) != quant_ops.INT_RANGES[dt]:
+        return "PyTorch's kernel takes full-range u8/i8 only"
+    return None
+
+
+def _dequant_applies(a: dict) -> str | None:
+    return None if a["q"].type.dtype in _QTYPES else "PyTorch's kernel takes u8/i8 only"
+
+
+def _ref(op: OpDef) -> Candidate:
+    return Candidate("reference", lambda b, a: _reference(b, a, op))
+
+
+LOWERINGS: dict[OpDef, list[Candidate]] = {
+    QCONV2D: [Candidate("onednn", _onednn_conv), Candidate("fp32-dequant", _fp32_conv), _ref(QCONV2D)],
+    QLINEAR: [Candidate("onednn", _onednn_linear), Candidate("int_mm", _int_mm_linear, _int_mm_applies),
+              Candidate("fp32-dequant", _fp32_linear), _ref(QLINEAR)],
+    DYNAMIC_QLINEAR: [Candidate("onednn", _onednn_dynamic_linear, _dynamic_applies),
+                      Candidate("fp32-dequant", _fp32_dynamic_linear), _ref(DYNAMIC_QLINEAR)],
+    WQ_LINEAR: [Candidate("int4pack", lambda b, a: _int4pack(b, a, F32), _int4pack_applies),
+                Candidate("int4pack-bf16", lambda b, a: _int4pack(b, a, torch.bfloat16), _int4pack_applies),
+                Candidate("int8pack", _int8pack_linear, _int8pack_applies),
+                Candidate("dequant-per-call", _dequant_per_call), _ref(WQ_LINEAR)],
+    QUANTIZE: [Candidate("torch-kernel", lambda b, a: b.call(TORCH_QUANTIZE, *a.values()), _full_range),
+               _ref(QUANTIZE)],
+    DEQUANTIZE: [Candidate("torch-kernel", lambda b, a: b.call(TORCH_DEQUANTIZE, *a.values()), _dequant_applies),
+                 _ref(DEQUANTIZE)],
+}
+
+
+# -- measurement ------------------------------------------------------------------------------------------
+
+@dataclass
+class LoweringReport:
+    rows: list[dict] = field(default_factory=list)
+
+    def paths(self) -> dict[str, int]:
+        return dict(Counter(f"{r['op']}:{r['chosen']}" for r in self.rows))
+
+
+def _bound(node: Node) -> dict:
+    return quant_ops._bind(node.op.target, node.op, node.args, node.kwargs)
+
+
+def _kernel_graph(node: Node) -> tuple[Graph, list[Value]]:
+    """A graph holding just ``node`` (activation inputs as graph inputs, weights as weights)."""
+    g = Graph("kernel")
+    env: dict[int, Value] = {}
+    acts = []
+    for v in node.inputs:
+        if id(v) in env:
+            continue
+        if v.producer is not None and v.producer.op is WEIGHT:
+            env[id(v)] = Builder(g).weight(v.producer.attrs["name"], node.graph.weights[v.producer.attrs["name"]])
+        else:
+            env[id(v)] = g.add_input(v.type, v.name)
+            acts.append(v)
+    args = map_values(node.args, lambda v: env[id(v)])
+    kwargs = {k: map_values(x, lambda v: env[id(v)]) for k, x in node.kwargs.items()}
+    proto = g.create_node(node.op, args, kwargs, [r.type for r in node.results])
+    g.set_outputs([proto.output])
+    return g, acts
+
+
+def _candidate_fn(g: Graph, cand: Candidate) -> Callable:
+    g = clone_graph(g)
+    proto = g.nodes[-1]
+    out = cand.emit(Builder.before(proto), _bound(proto))
+    g.set_outputs([out])
+    g.erase(proto)
+    eliminate_dead_code(g)
+    return to_fx(g)
+
+
+def _mismatch(out: torch.Tensor, ref: torch.Tensor) -> str | None:
+    if out.shape != ref.shape or out.dtype != ref.dtype:
+        return f"gives {out.dtype}{list(out.shape)}, expected {ref.dtype}{list(ref.shape)}"
+    if ref.dtype.is_floating_point:
+        tol = 1e-3 * float(ref.abs().max()) + 1e-6
+        err = float((out - ref).abs().max()) if ref.numel() else 0.0
+        return None if err <= tol else f"max error {err:.3g} > {tol:.3g}"
+    err = int((out.to(torch.int64) - ref.to(torch.int64)).abs().max()) if ref.numel() else 0
+    return None if err <= 1 else f"integer outputs differ by up to {err} steps"
+
+
+def _time(fns: dict[str, Callable], inputs: list, rounds: int, reps: int) -> dict[str, float]:
+    samples: dict[str, list[float]] = {k: [] for k in fns}
+    with torch.no_grad():
+        for fn in fns.values():
+            fn(*inputs)  # warm-up (oneDNN primitive creation)
+        for _ in range(rounds):
+            for name, fn in fns.items():
+                t0 = time.perf_counter()
+                for _ in range(reps):
+                    fn(*inputs)
+                samples[name].append((time.perf_counter() - t0) / reps)
+    # the least disturbed round: machines shared with other work make medians of microseconds noisy
+    return {k: min(v) for k, v in samples.items()}
+
+
+def choose(node: Node, inputs: list | None, rounds: int = 5, reps: int = 3) -> tuple[Candidate, dict]:
+    """Pick the fastest correct candidate for ``node`` (the first applicable one without inputs)."""
+    a = _bound(node)
+    row: dict = {}
+    applicable = []
+    for c in LOWERINGS[node.op]:
+        reason = c.applies(a)
+        if reason is None:
+            applicable.append(c)
+        else:
+            row[c.name] = f"n/a: {reason}"
+    if inputs is None:
+        return applicable[0], row
+    g, _ = _kernel_graph(node)
+    with torch.no_grad():
+        ref = to_fx(g)(*inputs)[0]
+    fns = {}
+    for c in applicable:
+        try:
+            fn = _candidate_fn(g, c)
+            with torch.no_grad():
+                bad = _mismatch(fn(*inputs)[0], ref)
+        except Exception as e:  # a kernel that rejects these shapes/dtypes is not a candidate
+            bad = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+        if bad is None:
+            fns[c.name] = fn
+        else:
+            row[c.name] = f"wrong: {bad}" if not bad.startswith("failed") else bad
+    fast = {k: f for k, f in fns.items() if k != "reference"} or fns
+    times = _time(fast, inputs, rounds, reps)
+    for k, t in times.items():
+        row[k] = round(t * 1e6, 1)
+    best = min(times, key=times.get)
+    return next(c for c in applicable if c.name == best), row
+
+
+_CONVS = ("onednn.qconv_pointwise", "onednn.qconv2d_pointwise.binary")
+
+
+def _fresh_channels_last(v: Value) -> bool:
+    """A tensor of its own (no view of another) in channels-last layout: a oneDNN convolution's result,
+    or an integer max pool of one (pooling keeps the layout)."""
+    p = v.producer
+    if p is None:
+        return False
+    if p.op.name in _CONVS:
+        return True
+    return p.op.name == "quantized.max_pool2d" and _fresh_channels_last(p.args[0])
+
+
+def _accumulate_in_place(graph: Graph) -> int:
+    """Drop the defensive copy of a oneDNN ``sum`` accumulator when the residual is dead afterwards."""
+    binary = get_op("onednn.qconv2d_pointwise.binary")
+    order = {id(n): i for i, n in enumerate(graph.nodes)}
+    dropped = 0
+    for node in list(graph.nodes):
+        if node.op is not binary:
+            continue
+        clone = node.args[6].producer
+        if clone is None or not clone.is_a(aten.clone) or len(clone.output.uses) != 1:
+            continue
+        src = clone.args[0]
+        fresh = _fresh_channels_last(src)
+        later = [u for u in src.users if u is not clone and order[id(u)] > order[id(node)]]
+        aliased = [u for u in src.users if u is not clone and transparent_input(u) is not None]
+        if not fresh or later or aliased or src in graph.outputs or src in node.inputs:
+            continue
+        node.replace_input(clone.output, src)
+        graph.erase(clone)
+        dropped += 1
+    return dropped
+
+
+def lower_graph(graph: Graph, example_inputs: tuple | None = None, measure: bool = True,
+                rounds: int = 5, reps: int = 3) -> LoweringReport:
+    targets = [n for n in graph.nodes if n.op in LOWERINGS]
+    captured: dict[int, list] = {}
+    if example_inputs is not None and measure and targets:
+        acts = {id(v): v for n in targets for v in n.inputs
+                if not (v.producer is not None and v.producer.op is WEIGHT)}
+        values = list(acts.values())
+        outs = next(tap(graph, values, [tuple(example_inputs)]))
+        by_id = {id(v): t for v, t in zip(values, outs)}
+        for n in targets:
+            _, ins = _kernel_graph(n)
+            captured[id(n)] = [by_id[id(v)] for v in ins]
+    report = LoweringReport()
+    quantizes: list[tuple[Node, list, dict]] = []
+    for node in targets:
+        inputs = captured.get(id(node))
+        if inputs is not None and node.op is QCONV2D:  # oneDNN's convolutions hand on channels-last tensors
+            inputs = [t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 and not t.is_floating_point()
+                      else t for t in inputs]
+        cand, row = choose(node, inputs, rounds, reps)
+        out_t = node.output.type
+        b = Builder.before(node)
+        out = cand.emit(b, _bound(node))
+        if isinstance(out.type, TensorType) and out_t.quant is not None:
+            out.type = out.type.with_(quant=out_t.quant)
+        graph.replace_all_uses(node.output, out)
+        graph.erase(node)
+        report.rows.append({"node": node.output.name, "op": node.op.name,
+                            "shape": [list(v.type.shape) for v in node.inputs[:1]][0], "chosen": cand.name,
+                            "candidates": row})
+        if node.op is QUANTIZE and inputs is not None and out.producer is not None:
+            quantizes.append((out.producer, inputs, report.rows[-1]))
+    for q, inputs, row in quantizes:
+        _choose_quantize_layout(graph, q, inputs, row, rounds, reps)
+    _integer_max_pools(graph)
+    _accumulate_in_place(graph)
+    _views_to_reshapes(graph)
+    eliminate_dead_code(graph)
+    return report
+
+
+def _mapper(g: Graph, source: Graph, env: dict[int, Value]) -> Callable[[Value], Value]:
+    """Values of ``source`` as seen in ``g``: from ``env``, else the same weight copied over."""
+    def arg(v: Value) -> Value:
+        if id(v) in env:
+            return env[id(v)]
+        name = v.producer.attrs["name"]
+        return Builder(g).weight(name, source.weights[name])
+
+    return arg
+
+
+def _choose_quantize_layout(graph: Graph, q: Node, inputs: list, row: dict, rounds: int, reps: int) -> None:
+    """A quantize read only by oneDNN convolutions: time it *with* them, producing contiguous vs
+    channels-last integers (the convolution reorders the former on every call), and keep the faster."""
+    if q.op not in (TORCH_QUANTIZE, TORCH_QUANTIZE_CL) or q.output.type.rank != 4 or q.output in graph.outputs:
+        return
+    users = q.output.users
+    if not users or any(u.op.name != "onednn.qconv_pointwise" for u in users):
+        return
+    fns = {}
+    for op in (TORCH_QUANTIZE, TORCH_QUANTIZE_CL):
+        g = Graph("quantize_and_convs")
+        x = g.add_input(q.args[0].type, "x")
+        qv = g.create_node(op, (x, *q.args[1:])).output
+        arg = _mapper(g, graph, {id(q.output): qv})
+        g.set_outputs([g.create_node(u.op, map_values(u.args, arg), dict(u.kwargs)).output for u in users])
+        fns[op.name] = to_fx(g)
+    times = _time(fns, inputs, rounds, reps)
+    row["with_convolutions_us"] = {k.removeprefix("kiln."): round(t * 1e6, 1) for k, t in times.items()}
+    best = get_op(min(times, key=times.get))
+    if best is not q.op:
+        new = Builder.before(q).call(best, *q.args)
+        new.type = new.type.with_(quant=q.output.type.quant)
+        graph.replace_all_uses(q.output, new)
+        graph.erase(q)
+        row["chosen"] = "torch-kernel-cl" if best is TORCH_QUANTIZE_CL else "torch-kernel"
+
+
+def _views_to_reshapes(graph: Graph) -> None:
+    """Kernels hand on channels-last tensors where the reference made contiguous ones: a ``view`` of
+    them may be impossible, a ``reshape`` is the same op when the view is possible and a copy otherwise."""
+    for node in list(graph.nodes):
+        if node.is_a(aten.view) or node.is_a(aten._unsafe_view):
+            out = Builder.before(node).call(aten.reshape, *node.args)
+            out.type = node.output.type
+            graph.replace_all_uses(node.output, out)
+            graph.erase(node)
+
+
+def _integer_max_pools(graph: Graph) -> None:
+    """aten's max_pool2d rejects channels-last uint8 tensors here; PyTorch's quantized max pool (the one
+    Inductor uses for int8) takes them. Only for pools whose indices are unused."""
+    qpool = get_op("quantized.max_pool2d")
+    for node in list(graph.nodes):
+        if not node.is_a(aten.max_pool2d_with_indices) or node.results[1].uses:
+            continue
+        x = node.args[0]
+        if x.type.dtype not in (torch.uint8, torch.int8):
+            continue
+        a = list(node.args[1:]) + [None] * (6 - len(node.args))
+        kernel = list(a[0])
+        stride = list(a[1]) if a[1] else kernel
+        padding = list(a[2]) if a[2] is not None else [0, 0]
+        dilation = list(a[3]) if a[3] is not None else [1, 1]
+        ceil = bool(a[4]) if a[4] is not None else False
+        out = Builder.before(node).call(qpool, x, kernel, stride, padding, dilation, ceil)
+        out.type = node.results[0].type
+        graph.replace_all_uses(node.results[0], out)
+        graph.erase(node)
