@@ -26,7 +26,7 @@ from kiln.ir.graph import Graph
 from kiln.ir.printer import format_type
 from kiln.ir.types import DTYPES, TensorType
 from kiln.options import CompileOptions
-from kiln.passes.manager import DumpIRInstrument, PassManager, VerifyInstrument, context_for
+from kiln.passes.manager import DumpIRInstrument, PassManager, VerifyInstrument, context_for, parse_pipeline
 
 
 class CompiledModel:
@@ -78,13 +78,25 @@ def check_inputs(graph: Graph, inputs: tuple) -> None:
                                          "in an earlier input")
 
 
-def optimize(graph, opts: CompileOptions, dump_dir: str | None = None) -> list:
+def optimize(graph, opts: CompileOptions, dump_dir: str | None = None, calib_inputs: Any = None) -> list:
     """Run ``opts.pipeline`` on ``graph`` in place for ``opts.target`` (verifier and IR dumps as the options
-    say; dumps go to ``dump_dir`` or ``opts.debug_dir``); returns the pass records."""
+    say; dumps go to ``dump_dir`` or ``opts.debug_dir``); returns the pass records. With ``opts.quantize``
+    the ``quantize`` pass runs first, calibrated on ``calib_inputs`` (an input tuple or a list of them)."""
+    from kiln.options import MIXED_BUDGET
+    from kiln.passes.quantize import QuantizePass
+
     instruments = [VerifyInstrument()] if opts.verify else []
     if dump_dir or opts.debug_dir:
         instruments.append(DumpIRInstrument(dump_dir or opts.debug_dir))
-    return PassManager.from_pipeline(opts.pipeline, instruments).run(graph, context_for(opts.target))
+    passes = parse_pipeline(opts.pipeline)
+    if opts.quantize:
+        if calib_inputs is None and opts.quantize in ("int8", "mixed"):
+            raise KilnInputError(f"quantize={opts.quantize!r} calibrates on example inputs and none were given "
+                                 "(torch.compile passes kiln none): use kiln.compile or `kiln compile`, or a "
+                                 "scheme that needs no calibration data, int8-dynamic or int4-weight")
+        passes = [QuantizePass(opts.quantize, awq=calib_inputs is not None,
+                               budget=MIXED_BUDGET if opts.quantize == "mixed" else None), *passes]
+    return PassManager(passes, instruments).run(graph, context_for(opts.target, calib_inputs=calib_inputs))
 
 
 def compile(model: torch.nn.Module, example_inputs: Any, target: str = "reference", pipeline: str = "O1",
@@ -93,8 +105,8 @@ def compile(model: torch.nn.Module, example_inputs: Any, target: str = "referenc
     get_backend(opts.target)  # a target that is not built yet fails before the (slow) export
     example_inputs = check_model(model, example_inputs)
     graph = from_export(model, example_inputs, dynamic_shapes=dynamic_shapes)
-    records = optimize(graph, opts)
-    compiled = compile_graph(graph, opts.target, opts.backend_options)
+    records = optimize(graph, opts, calib_inputs=example_inputs)
+    compiled = compile_graph(graph, opts.target, opts.backend_config(), example_inputs=example_inputs)
     cm = CompiledModel(graph, compiled, graph.meta.get("out_spec"), records)
     if opts.check:
         from kiln.numerics import assert_match

@@ -23,12 +23,15 @@ Commands:
 - ``kiln compile MODEL [--target/--backend T] [-O P] [--size] [--example-inputs] [--cache-dir D]
   [--quantize S] [--prune F] [--tune-trials N] -o OUT``: compile and write a portable artifact
   (``kiln.runtime.artifact``) holding the example inputs too; prints a short summary. ``--cache-dir``
-  sets ``$KILN_CACHE_DIR`` for this run (compiled-kernel caches live under it). ``--quantize``,
-  ``--prune``, ``--tune-trials`` are checked, then refused (exit 2) until their issues land
+  sets ``$KILN_CACHE_DIR`` for this run (compiled-kernel and tuning caches live under it).
+  ``--quantize`` quantizes first, calibrated on the example inputs; ``--tune-trials`` tunes the ``tvm``
+  target's kernels; ``--prune`` is checked, then refused (exit 2) until its issue lands
   (``kiln.options.NOT_IMPLEMENTED``).
 - ``kiln run OUT [--inputs FILE.safetensors] [--check]``: load the artifact, run it on its stored inputs
   (or on FILE's tensors, named ``input_0``... or by graph input name) and print each output's type and
-  checksum. ``--check`` rebuilds the model from the manifest's model ref, runs it eagerly and compares.
+  checksum. ``--check`` rebuilds the model from the manifest's model ref, runs it eagerly and compares
+  (a quantized artifact is compared with its quantized graph run by the reference, and its distance
+  from the float model is printed as quantization error).
 - ``kiln bench MODEL [--target T ...] [--no-inductor] [--reps N] [--warmup N] [--json PATH]``: eager vs
   Inductor vs kiln on one model, one process (``kiln.report.bench``, the code of ``benchmarks/e2e.py``).
 - ``kiln explain MODEL -o report.html [-O P] [--target T] [--arena M] [--no-measure]``: a
@@ -420,8 +423,8 @@ def compile_bundle(bundle: ModelBundle, opts):
     from kiln.backends.driver import compile_graph
 
     graph = import_graph(bundle)
-    records = optimize(graph, opts)
-    compiled = CompiledModel(graph, compile_graph(graph, opts.target, opts.backend_options),
+    records = optimize(graph, opts, calib_inputs=bundle.inputs)
+    compiled = CompiledModel(graph, compile_graph(graph, opts.target, opts.backend_config(), bundle.inputs),
                              graph.meta.get("out_spec"), records)
     if opts.check:
         from kiln.numerics import assert_match
@@ -501,9 +504,11 @@ def cli() -> None:
 @_model_options()
 @_target_option
 @_pipeline_option
-@click.option("--quantize", metavar="SCHEME", help="int8, int8-dynamic, int4-weight or mixed (issue #7).")
+@click.option("--quantize", metavar="SCHEME",
+              help="int8, int8-dynamic, int4-weight or mixed; calibrated on the example inputs.")
 @click.option("--prune", type=float, metavar="SPARSITY", help="Target weight sparsity in [0, 1).")
-@click.option("--tune-trials", "tune_trials", type=int, metavar="N", help="Tuning trial budget (issue #6).")
+@click.option("--tune-trials", "tune_trials", type=int, metavar="N",
+              help="MetaSchedule trials per kernel (target tvm); results persist in the tuning cache.")
 @click.option("--cache-dir", "cache_dir", type=click.Path(file_okay=False), metavar="DIR",
               help="kiln's cache directory for this run (sets $KILN_CACHE_DIR).")
 @click.option("-o", "--output", "output", required=True, type=click.Path(), help="Artifact directory to write.")
@@ -599,11 +604,40 @@ def run_cmd(artifact: str, inputs_file: str | None, check: bool) -> int:
     model = load_model(ref, model_args.get("size"), model_args.get("example_inputs")).model
     with torch.no_grad():
         expected = model(*inputs)
+    scheme = (loaded.manifest.get("options") or {}).get("quantize")
+    if scheme:
+        return _check_quantized(loaded, inputs, outputs, expected, ref, scheme)
     msg = compare(outputs, expected, "output")
     if msg is not None:
         click.echo(f"kiln: check failed against eager {ref}: {msg}", err=True)
         return EXIT_MISMATCH
     click.echo(f"check: matches eager PyTorch ({ref})")
+    return EXIT_OK
+
+
+def _check_quantized(loaded, inputs, outputs, expected, ref: str, scheme: str) -> int:
+    """A quantized artifact must match its own quantized graph run by the reference (exact semantics, up
+    to the integer kernels' rounding: 1e-3 of the output's magnitude); its distance from the float model
+    is quantization error, reported, not checked."""
+    import torch
+    import torch.utils._pytree as pytree
+
+    from kiln.numerics import compare
+    from kiln.passes.manager import run_reference
+
+    reference = run_reference(loaded.graph, inputs)
+    leaves = [t for t in pytree.tree_leaves(reference) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    magnitude = 10 * max((float(t.abs().max()) for t in leaves if t.numel()), default=1.0)
+    msg = compare(pytree.tree_leaves(outputs), pytree.tree_leaves(reference), "output", magnitude=magnitude)
+    if msg is not None:
+        click.echo(f"kiln: check failed against the {scheme} reference graph: {msg}", err=True)
+        return EXIT_MISMATCH
+    click.echo(f"check: matches the {scheme} quantized reference graph")
+    for i, (got, want) in enumerate(zip(pytree.tree_leaves(outputs), pytree.tree_leaves(expected))):
+        if isinstance(want, torch.Tensor) and want.is_floating_point() and want.numel():
+            err = float((got.float() - want.float()).abs().max()) / max(float(want.abs().max()), 1e-12)
+            click.echo(f"quantization error vs eager float ({ref}) output[{i}]: max |diff| / max |eager| = "
+                       f"{err:.4f}")
     return EXIT_OK
 
 

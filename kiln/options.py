@@ -9,10 +9,15 @@ Contract: ``CompileOptions.from_dict(d)`` accepts exactly the documented keys an
 - ``check``: compare the compiled result with the reference on the first call (default False);
 - ``debug_dir``: dump the IR before/after every pass there (default: ``$KILN_DEBUG_DIR`` if set);
 - ``backend_options``: a dict passed to the backend's ``compile``;
-- ``quantize`` (``int8``/``int8-dynamic``/``int4-weight``/``mixed``), ``prune`` (a target sparsity in
-  [0, 1)) and ``tune_trials`` (a trial budget, an int >= 0): accepted and checked, then refused with
-  ``UnsupportedError`` naming the issue that builds them (``NOT_IMPLEMENTED``) until it lands; never
-  silently ignored. ``None`` (the default) means off.
+- ``quantize`` (``int8``/``int8-dynamic``/``int4-weight``/``mixed``): quantize the graph before the pipeline
+  (``kiln.passes.quantize``), calibrated on the example inputs; ``mixed`` picks int8/int4 per layer under
+  a budget of ``MIXED_BUDGET`` of the float32 weight bytes (what int8 everywhere costs);
+- ``tune_trials`` (an int >= 0): MetaSchedule trials per kernel for the ``tvm`` target (0 or None: kiln's
+  untuned default schedules); any other target refuses it with ``UnsupportedError``;
+- ``prune`` (a target sparsity in [0, 1)): accepted and checked, then refused with ``UnsupportedError``
+  naming the issue that builds it (``NOT_IMPLEMENTED``) until it lands; never silently ignored.
+``None`` (the default) means off. ``backend_config()`` is what the backend's ``compile`` receives:
+``backend_options`` plus ``tune_trials`` when set.
 """
 
 from __future__ import annotations
@@ -27,10 +32,10 @@ QUANTIZE_SCHEMES = ("int8", "int8-dynamic", "int4-weight", "mixed")
 
 # Options whose implementation is another issue's work: option -> what builds it.
 NOT_IMPLEMENTED = {
-    "quantize": "issue #7 quantization",
     "prune": "the pruning/sparsity issue",
-    "tune_trials": "issue #6 TVM tuning",
 }
+TUNABLE_TARGETS = ("tvm",)
+MIXED_BUDGET = 0.25  # --quantize mixed: int8-everywhere bytes; int4 on robust layers pays for float elsewhere
 
 
 @dataclass(frozen=True)
@@ -85,3 +90,13 @@ class CompileOptions:
         for key, issue in NOT_IMPLEMENTED.items():
             if getattr(self, key) is not None:
                 raise UnsupportedError(f"option {key!r} is not implemented yet ({issue})")
+        if self.tune_trials and self.target not in TUNABLE_TARGETS:
+            raise UnsupportedError(f"option 'tune_trials' applies to the {', '.join(TUNABLE_TARGETS)} target, "
+                                   f"not {self.target!r}")
+
+    def backend_config(self) -> dict[str, Any]:
+        """The options dict the target backend's ``compile`` receives."""
+        config = dict(self.backend_options)
+        if self.tune_trials:
+            config["tune_trials"] = self.tune_trials
+        return config

@@ -10,6 +10,7 @@ this process (same code path, without paying torch's import time per case).
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -112,11 +113,10 @@ def _error_line(capsys) -> str:
     (["compile", MLP, "--backend", "gpu9000"], "unknown target 'gpu9000'"),
     (["compile", MLP, "--example-inputs", "f32[s0=1,32]"], "symbolic dim 's0' needs an example size >= 2"),
     (["compile", MLP, "--example-inputs", "f32[b=4,32];f32[b=5,2]"], "has example size 5 here but 4"),
-    (["compile", MLP, "--quantize", "int8"], "'quantize' is not implemented yet (issue #7 quantization)"),
     (["compile", MLP, "--quantize", "int3"], "must be one of int8, int8-dynamic, int4-weight, mixed"),
     (["compile", MLP, "--prune", "0.5"], "'prune' is not implemented yet"),
     (["compile", MLP, "--prune", "1.5"], "target sparsity in [0, 1)"),
-    (["compile", MLP, "--tune-trials", "8"], "'tune_trials' is not implemented yet (issue #6"),
+    (["compile", MLP, "--tune-trials", "8"], "'tune_trials' applies to the tvm target, not 'reference'"),
     (["compile", MLP, "--plugin", "nope/plugin.py"], "--plugin nope/plugin.py: no such file"),
     (["compile", MLP, "--plugin", "no_such_plugin_mod"], "cannot import module 'no_such_plugin_mod'"),
     (["compile", "{tmp}/missing.pt2"], "missing.pt2: no such file"),
@@ -226,7 +226,7 @@ def test_saved_exported_program_and_manifest_contents(tmp_path, capsys, monkeypa
     assert manifest["kiln_version"] == kiln.__version__ and manifest["torch_version"] == torch.__version__
     assert manifest["target"] == "reference" and manifest["pipeline"] == "O1"
     assert manifest["options"] == {"target": "reference", "pipeline": "O1", "verify": False, "check": False,
-                                   "backend_options": {}}
+                                   "backend_options": {}, "quantize": None}
     assert manifest["model_ref"] == str(program.resolve()) and manifest["model_args"] == {}
     assert set(manifest["files"]) == {"graph.kir", "weights.safetensors", "inputs.safetensors"}
     capsys.readouterr()
@@ -234,3 +234,16 @@ def test_saved_exported_program_and_manifest_contents(tmp_path, capsys, monkeypa
     assert "check: matches eager PyTorch" in capsys.readouterr().out
     with torch.no_grad():
         torch.testing.assert_close(kiln.load(out)(*inputs), model(*inputs), rtol=1e-4, atol=1e-5)
+
+
+def test_compile_quantize_int8_then_run_check_against_the_quantized_reference(tmp_path, capsys):
+    out = tmp_path / "q"
+    assert main(["compile", "examples/models/resnet.py:make_model", "--quantize", "int8", "-o", str(out)]) == 0
+    assert "quantize" in capsys.readouterr().out  # the pass table lists the quantize pass
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["options"]["quantize"] == "int8"
+    assert "kiln.qconv2d" in (out / "graph.kir").read_text()  # saved before lowering: exact semantics
+    assert main(["run", str(out), "--check"]) == 0
+    text = capsys.readouterr().out
+    assert "check: matches the int8 quantized reference graph" in text
+    assert "quantization error vs eager float" in text

@@ -1,8 +1,12 @@
 """Compile a whole kiln graph for a target: partition, compile the supported regions, fall back for the
 rest, and report what fell back.
 
-Contract: ``compile_graph(graph, target="reference", options=None) -> CompiledGraph``.
+Contract: ``compile_graph(graph, target="reference", options=None, example_inputs=None) -> CompiledGraph``.
 - The graph is not modified (a copy is partitioned).
+- kiln's quantized ops (``kiln.ir.quant_ops``) are first lowered onto real integer kernels
+  (``kiln.passes.quantize.lower``), chosen per op by measurement on ``example_inputs`` when given (else
+  the first applicable kernel); ``CompiledGraph.quant_lowering`` is that report (None without such ops).
+  The saved/compared graph stays the quantized one with exact reference semantics.
 - Supported regions become ``kiln.partition`` nodes compiled by the target backend; every other node
   runs through PyTorch (eager fallback) in the top-level fx module. kiln never fails a model because
   one of its ops is unsupported.
@@ -60,15 +64,18 @@ class CompiledGraph:
         self.graph = graph  # the partitioned graph
         self.module = module
         self.report = report
+        self.quant_lowering = None  # kiln.passes.quantize.lower.LoweringReport when the graph was quantized
 
     def __call__(self, *inputs) -> tuple:
         return self.module(*inputs)
 
 
-def compile_graph(graph: Graph, target: str = "reference", options: dict[str, Any] | None = None) -> CompiledGraph:
+def compile_graph(graph: Graph, target: str = "reference", options: dict[str, Any] | None = None,
+                  example_inputs: tuple | None = None) -> CompiledGraph:
     options = dict(options or {})
     backend = get_backend(target)
     g = clone_graph(graph)
+    lowering = _lower_quantized(g, example_inputs)
     compute = [n for n in g.nodes if n.op is not WEIGHT]
     regions = partition(g, backend.supports)
     report = FallbackReport(graph.name, target, nodes=len(compute),
@@ -80,4 +87,14 @@ def compile_graph(graph: Graph, target: str = "reference", options: dict[str, An
     module = to_fx(g, submodules=executables)
     if report.fell_back:
         log.warning(report.summary_line())
-    return CompiledGraph(g, module, report)
+    compiled = CompiledGraph(g, module, report)
+    compiled.quant_lowering = lowering
+    return compiled
+
+
+def _lower_quantized(graph: Graph, example_inputs: tuple | None):
+    from kiln.passes.quantize.lower import LOWERINGS, lower_graph
+
+    if not any(n.op in LOWERINGS for n in graph.nodes):
+        return None
+    return lower_graph(graph, example_inputs)

@@ -96,7 +96,7 @@ def compile_aten_graph(fx_gm: torch.fx.GraphModule, inputs, opts: CompileOptions
             from kiln.api import optimize
 
             optimize(graph, opts, f"{opts.debug_dir}/{name}" if opts.debug_dir else None)
-            compiled = compile_graph(graph, opts.target, opts.backend_options)
+            compiled = compile_graph(graph, opts.target, opts.backend_config())
     except KilnInputError:
         raise
     except Exception as e:  # import/pass/backend failure: correctness first, run the ATen graph

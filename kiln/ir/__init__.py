@@ -5,6 +5,7 @@ The names a pass writer needs, in one import::
     from kiln.ir import Graph, Node, Value, TensorType, Builder, aten, verify, print_graph, parse_graph, to_fx
 """
 
+from kiln.ir import quant_ops  # noqa: F401  (registers kiln.quantize, kiln.qlinear...: the parser needs them)
 from kiln.ir.builder import Builder
 from kiln.ir.clone import clone_graph
 from kiln.ir.graph import Graph, Node, Value

@@ -1,52 +1,110 @@
-"""End-to-end model benchmark: eager PyTorch vs Inductor vs kiln, one process, interleaved (the protocol is
-docs/benchmarks.md). ``kiln bench`` runs it for one model, ``benchmarks/e2e.py`` for the whole zoo.
+"""End-to-end model benchmark: eager PyTorch vs its compilers (Inductor, OpenVINO) vs kiln, one process,
+interleaved (the protocol is docs/benchmarks.md). ``kiln bench`` runs it for one model, ``benchmarks/e2e.py``
+for the whole zoo.
 
 Contract:
-- A ``Contender`` is one column group: ``name`` and ``build(model, inputs) -> callable(*inputs)``.
-  ``CONTENDERS`` maps a kind to a constructor: ``eager``, ``inductor`` (``torch.compile``, default mode),
-  ``kiln`` (``kiln.compile`` for one target and pipeline; named ``kiln`` for the reference target and
-  ``kiln-<target>`` otherwise). A new peer or variant is one more entry there (e.g. a tuned TVM row).
-  ``contenders_for(targets, pipeline, inductor)`` gives eager, then Inductor, then one kiln per target.
+- A ``Contender`` is one column group: ``name``, ``build(model, inputs) -> callable(*inputs)``, ``kind``
+  (``eager``, a peer kind of ``PEER_KINDS`` = ``inductor``/``openvino``, ``kiln``, or ``other``),
+  ``options`` (recorded in the JSON) and ``reset``: a no-argument function run before each build that
+  drops the *process-level* compile caches (Dynamo's, kiln's in-memory kernel table), so that a second
+  build measures a real compile served by the persistent on-disk caches (Inductor's FX graph cache,
+  kiln's kernel cache and tuning database), not a dictionary lookup; ``compile_context``: an optional
+  context manager factory every compiling call of the contender runs under.
+- ``CONTENDERS`` maps a name to a constructor: ``eager``; ``inductor`` (``torch.compile``, default mode);
+  ``inductor-freezing`` (the same with ``torch._inductor.config.freezing = True``, scoped: the flag is
+  set by ``compile_context``, a ``config.patch`` around each compiling call only, and restored after; the
+  FX graph cache keys on Inductor's config, so the two never share an entry); ``openvino``
+  (``torch.compile(backend="openvino")``, CPU, f32 precision hint, ``INFERENCE_NUM_THREADS`` = torch's
+  thread count; optional: when the ``openvino`` package is missing the contender is *unavailable*);
+  ``kiln`` (``kiln.compile(target, pipeline, **options)``). ``named_contender(name, pipeline, tune_trials)``
+  parses the names ``benchmarks/e2e.py`` takes: those plus ``kiln-<target>`` and ``kiln-<target>-tuned``
+  (``tune_trials`` MetaSchedule trials). ``contenders_for(targets, pipeline, inductor)`` gives eager,
+  Inductor and one kiln per target (``kiln bench``). Bad names/targets/pipelines raise ``KilnInputError``
+  before any model is built; an option kiln does not implement yet (``UnsupportedError``) is not an error
+  here: the build raises it and the cell is reported unavailable.
 - ``run_model(name, model, inputs, contenders, warmup=3, reps=20, peaks=None, warm_compile=False) -> row``:
-  builds each contender (cold compile time = build + first call, ``<c>_compile_s``; with
-  ``warm_compile`` a second build after ``torch._dynamo.reset()``, ``<c>_compile_warm_s``, which for
-  Inductor hits its on-disk FX graph cache), checks each output against eager with ``kiln.numerics``
-  (``<c>_correct``, ``<c>_error``), then times all contenders interleaved: ``warmup`` untimed rounds,
-  then ``reps`` rounds, each calling every contender once, under ``torch.no_grad()``. Per contender:
-  ``<c>_ms`` (median), ``<c>_min_ms``, ``<c>_max_ms``; per non-eager contender ``<c>_speedup_vs_eager``
-  and, for kiln contenders, ``<c>_speedup_vs_inductor`` — None when either side is incorrect or failed
-  (a wrong answer is never a speed-up). Roofline columns from the first kiln contender's graph:
-  ``flops``, ``bytes`` (kernel reads + writes: weights and activations), ``roofline_ms`` with the
-  machine peaks ``peaks`` (measured in the same run by the caller) and ``<kiln>_pct_of_roofline``.
-- ``summarize(rows, contenders)``: ``speedup_vs_eager_geomean`` and ``speedup_vs_inductor_geomean`` of
-  the first kiln contender over the rows where it is correct, ``all_correct`` (every contender, every
-  row), ``models``, and the same per contender under ``by_contender``.
-- ``print_results`` prints the markdown table; ``write_json`` the report (``kiln.benchmarking.write_report``).
+  builds each contender (cold compile time = reset + build + first call, ``<c>_compile_s``; with
+  ``warm_compile`` a second reset + build + call, ``<c>_compile_warm_s``; Inductor's FX-graph-cache
+  outcome of that second compile is ``<c>_warm_cache``: hit/miss/bypass counts). A build that raises is a
+  failed cell (``<c>_correct`` False, ``<c>_error`` its first line), never a crash; ``UnsupportedError`` and
+  ``ImportError`` (the contender is not in this build/install) also set ``<c>_unavailable``. Each output
+  is compared with eager (``kiln.numerics``; a mismatch sets ``<c>_correct`` False and ``<c>_error``).
+  After all builds, every contender with a ``reset`` is called once in its ``compile_context`` (a later
+  contender's reset dropped Dynamo's code: it recompiles there, not in the timed loop, and with the right
+  config). Then all contenders are timed interleaved: ``warmup`` untimed rounds, ``reps`` rounds calling each once,
+  under ``torch.no_grad()``: ``<c>_ms`` (median), ``<c>_min_ms``, ``<c>_max_ms``. Speed-ups (None unless
+  both sides are correct: a wrong answer is never a speed-up): ``<c>_speedup_vs_eager`` for every
+  non-eager contender; for kiln contenders ``<c>_speedup_vs_inductor`` (default Inductor) and
+  ``<c>_speedup_vs_best_peer``, where ``best_peer``/``best_peer_ms`` is the fastest *correct* contender of a
+  peer kind on that row (None when there is none). Kiln contenders whose executable reports kernel paths
+  (the TVM backend's ``kernel_paths``) get ``<c>_kernels``: {path: count}. Roofline columns from the
+  first built kiln contender's graph: ``flops``, ``bytes`` (kernel reads + writes), ``roofline_ms`` with
+  the machine peaks ``peaks`` and ``<kiln>_pct_of_roofline`` for every kiln contender.
+- ``headline_kiln(rows, contenders)``: the kiln contender the summary's top-level keys describe: the last
+  kiln contender with tuning (``tune_trials`` in its options) that was available on at least one row;
+  else the first kiln contender available on at least one row; else the first kiln contender.
+- ``summarize(rows, contenders)``: ``kiln_contender`` (the headline), its ``speedup_vs_eager_geomean``,
+  ``speedup_vs_inductor_geomean``, ``speedup_vs_best_peer_geomean`` (geomeans over the rows where both
+  sides are correct) and ``warm_compile_s_max`` (max warm compile over rows; None when not measured);
+  ``all_correct``: every kiln cell that was available matched eager (and at least one was); ``unavailable``
+  {contender: reason}; ``peers_all_correct``; ``models``; and per contender under ``by_contender`` the same
+  figures plus ``rows_correct`` and ``compile_s_max``.
+- ``print_results`` prints the markdown tables; ``write_json`` the report (``kiln.benchmarking.write_report``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import statistics
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from kiln.benchmarking import geomean, markdown_table, write_report
+from kiln.errors import KilnInputError, UnsupportedError
 from kiln.report.roofline import MachinePeaks
 
 log = logging.getLogger(__name__)
+
+PEER_KINDS = ("inductor", "openvino")
+INDUCTOR = "inductor"  # the default-Inductor contender that ``<kiln>_speedup_vs_inductor`` divides by
+UNAVAILABLE_ERRORS = (UnsupportedError, ImportError)
 
 
 @dataclass(frozen=True)
 class Contender:
     name: str
     build: Callable[[torch.nn.Module, tuple], Callable[..., Any]]
-    kind: str = "other"  # "eager" | "inductor" | "kiln" | ...
+    kind: str = "other"  # "eager" | "inductor" | "openvino" | "kiln" | ...
     options: dict[str, Any] = field(default_factory=dict)
+    reset: Callable[[], None] | None = None
+    compile_context: Callable[[], AbstractContextManager] | None = None
+
+
+def _reset_dynamo() -> None:
+    torch._dynamo.reset()
+
+
+def reset_kiln_process_caches() -> None:
+    """Forget what this process compiled (the TVM backend's in-memory kernel table), so the next kiln compile
+    does the work a fresh process would do, served only by the on-disk caches. (``kiln.compile`` goes through
+    ``torch.export``, which keeps no Dynamo code cache, so Dynamo is left alone: resetting it would drop the
+    other contenders' compiled code.)"""
+    try:
+        from kiln.backends.tvm import backend as tvm_backend
+    except ImportError:  # TVM not installed: nothing cached
+        return
+    clear = getattr(tvm_backend, "clear_process_caches", None)
+    if clear is not None:
+        clear()
+    else:
+        getattr(tvm_backend, "_KERNEL_CACHE", {}).clear()
 
 
 def _eager() -> Contender:
@@ -54,31 +112,88 @@ def _eager() -> Contender:
 
 
 def _inductor() -> Contender:
-    return Contender("inductor", lambda model, inputs: torch.compile(model), "inductor")
+    return Contender(INDUCTOR, lambda model, inputs: torch.compile(model), "inductor", {}, _reset_dynamo)
 
 
-def _kiln(target: str = "reference", pipeline: str = "O1") -> Contender:
+def _freezing_on():
+    import torch._inductor.config as inductor_config
+
+    return inductor_config.patch(freezing=True)
+
+
+def _inductor_freezing() -> Contender:
+    return Contender("inductor-freezing", lambda model, inputs: torch.compile(model), "inductor", {"freezing": True},
+                     _reset_dynamo, _freezing_on)
+
+
+def _openvino() -> Contender:
+    def build(model, inputs):
+        import openvino.torch  # noqa: F401  (registers the "openvino" torch.compile backend)
+
+        return torch.compile(model, backend="openvino", options=_openvino_options())
+
+    return Contender("openvino", build, "openvino", _openvino_options(), _reset_dynamo)
+
+
+def _openvino_options() -> dict[str, Any]:
+    return {"device": "CPU", "config": {"INFERENCE_PRECISION_HINT": "f32",
+                                        "INFERENCE_NUM_THREADS": str(torch.get_num_threads())}}
+
+
+def _kiln(target: str = "reference", pipeline: str = "O1", name: str | None = None, **options: Any) -> Contender:
     def build(model, inputs):
         import kiln
 
-        return kiln.compile(model, inputs, target=target, pipeline=pipeline)
+        return kiln.compile(model, inputs, target=target, pipeline=pipeline, **options)
 
-    name = "kiln" if target == "reference" else f"kiln-{target}"
-    return Contender(name, build, "kiln", {"target": target, "pipeline": pipeline})
+    if name is None:
+        name = "kiln" if target == "reference" else f"kiln-{target}"
+    return Contender(name, build, "kiln", {"target": target, "pipeline": pipeline, **options},
+                     reset_kiln_process_caches)
 
 
-CONTENDERS: dict[str, Callable[..., Contender]] = {"eager": _eager, "inductor": _inductor, "kiln": _kiln}
+CONTENDERS: dict[str, Callable[..., Contender]] = {"eager": _eager, "inductor": _inductor,
+                                                   "inductor-freezing": _inductor_freezing,
+                                                   "openvino": _openvino, "kiln": _kiln}
+
+
+def _check_kiln_options(options: dict[str, Any]) -> None:
+    from kiln.options import CompileOptions
+
+    try:
+        CompileOptions.from_dict(options)  # a bad target/pipeline fails before any model is built
+    except UnsupportedError:
+        pass  # not built yet: each build raises it and the cell is reported unavailable
+
+
+def named_contender(name: str, pipeline: str = "O2", tune_trials: int = 32,
+                    backend_options: dict[str, Any] | None = None) -> Contender:
+    """``eager``, ``inductor``, ``inductor-freezing``, ``openvino``, ``kiln`` (reference target),
+    ``kiln-<target>`` or ``kiln-<target>-tuned`` (``tune_trials`` trials)."""
+    if name in CONTENDERS and name != "kiln":
+        return CONTENDERS[name]()
+    if name == "kiln" or name.startswith("kiln-"):
+        rest = name.removeprefix("kiln").removeprefix("-") or "reference"
+        tuned = rest.endswith("-tuned")
+        target = rest.removesuffix("-tuned")
+        options: dict[str, Any] = {}
+        if tuned:
+            options["tune_trials"] = tune_trials
+        if backend_options:
+            options["backend_options"] = dict(backend_options)
+        _check_kiln_options({"target": target, "pipeline": pipeline, **options})
+        return CONTENDERS["kiln"](target, pipeline, name=name, **options)
+    raise KilnInputError(f"unknown contender {name!r}; valid: {', '.join(n for n in CONTENDERS if n != 'kiln')}, "
+                         "kiln, kiln-<target>, kiln-<target>-tuned")
 
 
 def contenders_for(targets: Sequence[str] = ("reference",), pipeline: str = "O1",
                    inductor: bool = True) -> list[Contender]:
-    from kiln.options import CompileOptions
-
     out = [CONTENDERS["eager"]()]
     if inductor:
         out.append(CONTENDERS["inductor"]())
     for target in dict.fromkeys(targets):
-        CompileOptions.from_dict({"target": target, "pipeline": pipeline})  # fail before any model is built
+        _check_kiln_options({"target": target, "pipeline": pipeline})
         out.append(CONTENDERS["kiln"](target, pipeline))
     return out
 
@@ -87,12 +202,47 @@ def _ms(seconds: list[float]) -> tuple[float, float, float]:
     return statistics.median(seconds) * 1e3, min(seconds) * 1e3, max(seconds) * 1e3
 
 
+def _fxgraph_counters() -> Counter:
+    from torch._dynamo.utils import counters
+
+    return Counter({k.removeprefix("fxgraph_cache_"): v for k, v in counters["inductor"].items()
+                    if k.startswith("fxgraph_cache_")})
+
+
 def _build_and_call(c: Contender, model, inputs) -> tuple[Callable, Any, float]:
+    if c.reset is not None:
+        c.reset()
     t0 = time.perf_counter()
     fn = c.build(model, inputs)
-    with torch.no_grad():
+    with _compiling(c), torch.no_grad():
         out = fn(*inputs)
     return fn, out, time.perf_counter() - t0
+
+
+def _compiling(c: Contender) -> AbstractContextManager:
+    return c.compile_context() if c.compile_context is not None else contextlib.nullcontext()
+
+
+def kernel_path_counts(compiled: Any) -> dict[str, int] | None:
+    """{path: kernels} over every backend executable inside a ``kiln.compile`` result that reports
+    ``kernel_paths`` (the TVM backend: "tvm" for generated TIR, "torch" for PyTorch's kernels); None if none do."""
+    module = getattr(getattr(compiled, "compiled", None), "module", None)
+    if not isinstance(module, torch.nn.Module):
+        return None
+    counts: Counter = Counter()
+    found = False
+    for m in module.modules():
+        paths = getattr(getattr(m, "fn", None), "kernel_paths", None)
+        if paths is None:
+            continue
+        found = True
+        counts.update(str(p.get("path", "?")) for p in paths)
+    return dict(sorted(counts.items())) if found else None
+
+
+def _first_line(e: BaseException) -> str:
+    text = f"{type(e).__name__}: {e}"
+    return text.splitlines()[0] if text.strip() else type(e).__name__
 
 
 def run_model(name: str, model: torch.nn.Module, inputs: tuple, contenders: list[Contender], warmup: int = 3,
@@ -108,13 +258,13 @@ def run_model(name: str, model: torch.nn.Module, inputs: tuple, contenders: list
     fns: dict[str, Callable] = {}
     graphs: dict[str, Any] = {}
     for c in contenders:
-        if c.kind == "inductor":
-            torch._dynamo.reset()
         try:
             fn, out, cold = _build_and_call(c, model, inputs)
         except Exception as e:  # a contender that cannot compile this model is a failed cell, not a crash
-            log.warning("%s: %s failed: %s: %s", name, c.name, type(e).__name__, e)
-            row[f"{c.name}_correct"], row[f"{c.name}_error"] = False, f"{type(e).__name__}: {e}".splitlines()[0]
+            log.warning("%s: %s failed: %s", name, c.name, _first_line(e))
+            row[f"{c.name}_correct"], row[f"{c.name}_error"] = False, _first_line(e)
+            if isinstance(e, UNAVAILABLE_ERRORS):
+                row[f"{c.name}_unavailable"] = True
             continue
         if c.kind != "eager":
             row[f"{c.name}_compile_s"] = cold
@@ -123,12 +273,25 @@ def run_model(name: str, model: torch.nn.Module, inputs: tuple, contenders: list
         if msg is not None:
             row[f"{c.name}_error"] = msg
         if warm_compile and c.kind != "eager":
+            before = _fxgraph_counters()
+            try:
+                fn, _, row[f"{c.name}_compile_warm_s"] = _build_and_call(c, model, inputs)
+            except Exception as e:  # the first build worked: keep it, report the second
+                row[f"{c.name}_warm_error"] = _first_line(e)
             if c.kind == "inductor":
-                torch._dynamo.reset()
-            fn, _, row[f"{c.name}_compile_warm_s"] = _build_and_call(c, model, inputs)
+                row[f"{c.name}_warm_cache"] = dict(_fxgraph_counters() - before)
         fns[c.name] = fn
-        if c.kind == "kiln" and getattr(fn, "graph", None) is not None:
-            graphs[c.name] = fn.graph
+        if c.kind == "kiln":
+            if getattr(fn, "graph", None) is not None:
+                graphs[c.name] = fn.graph
+            paths = kernel_path_counts(fn)
+            if paths is not None:
+                row[f"{c.name}_kernels"] = paths
+    with torch.no_grad():  # a later reset dropped earlier Dynamo contenders' code: recompile each in its context
+        for c in contenders:
+            if c.name in fns and c.reset is not None:
+                with _compiling(c):
+                    fns[c.name](*inputs)
     samples: dict[str, list[float]] = {n: [] for n in fns}
     with torch.no_grad():
         for rnd in range(warmup + reps):
@@ -140,24 +303,37 @@ def run_model(name: str, model: torch.nn.Module, inputs: tuple, contenders: list
                     samples[n].append(dt)
     for n, s in samples.items():
         row[f"{n}_ms"], row[f"{n}_min_ms"], row[f"{n}_max_ms"] = _ms(s)
-    eager_ok = row.get("eager_correct", False) and "eager_ms" in row
-    inductor_ok = row.get("inductor_correct", False) and "inductor_ms" in row
-    for c in contenders:
-        if c.kind == "eager" or f"{c.name}_ms" not in row:
-            continue
-        ok = row[f"{c.name}_correct"]
-        row[f"{c.name}_speedup_vs_eager"] = row["eager_ms"] / row[f"{c.name}_ms"] if ok and eager_ok else None
-        if c.kind == "kiln":
-            row[f"{c.name}_speedup_vs_inductor"] = (row["inductor_ms"] / row[f"{c.name}_ms"]
-                                                    if ok and inductor_ok else None)
+    add_speedups(row, contenders)
     first_kiln = next((c.name for c in contenders if c.kind == "kiln" and c.name in graphs), None)
     if first_kiln is not None and peaks is not None:
-        _roofline_columns(row, graphs[first_kiln], first_kiln, peaks)
+        _roofline_columns(row, graphs[first_kiln], [c.name for c in contenders if c.kind == "kiln"], peaks)
     row["reps"], row["warmup"] = reps, warmup
     return row
 
 
-def _roofline_columns(row: dict[str, Any], graph, name: str, peaks: MachinePeaks) -> None:
+def _ok(row: dict[str, Any], name: str) -> bool:
+    return bool(row.get(f"{name}_correct")) and f"{name}_ms" in row
+
+
+def add_speedups(row: dict[str, Any], contenders: list[Contender]) -> None:
+    """Fill ``best_peer``/``best_peer_ms`` and every ``<c>_speedup_vs_*`` of ``row`` from its ``_ms`` and
+    ``_correct`` cells (None wherever either side is incorrect or missing)."""
+    peers = [c.name for c in contenders if c.kind in PEER_KINDS and _ok(row, c.name)]
+    best = min(peers, key=lambda n: row[f"{n}_ms"]) if peers else None
+    row["best_peer"] = best
+    row["best_peer_ms"] = row[f"{best}_ms"] if best else None
+    for c in contenders:
+        if c.kind == "eager" or f"{c.name}_ms" not in row:
+            continue
+        ok = _ok(row, c.name)
+        ms = row[f"{c.name}_ms"]
+        row[f"{c.name}_speedup_vs_eager"] = row["eager_ms"] / ms if ok and _ok(row, "eager") else None
+        if c.kind == "kiln":
+            row[f"{c.name}_speedup_vs_inductor"] = row[f"{INDUCTOR}_ms"] / ms if ok and _ok(row, INDUCTOR) else None
+            row[f"{c.name}_speedup_vs_best_peer"] = row["best_peer_ms"] / ms if ok and best else None
+
+
+def _roofline_columns(row: dict[str, Any], graph, kilns: list[str], peaks: MachinePeaks) -> None:
     from kiln.errors import KilnError
     from kiln.passes.analysis import graph_cost
 
@@ -168,8 +344,9 @@ def _roofline_columns(row: dict[str, Any], graph, name: str, peaks: MachinePeaks
         return
     row["flops"], row["bytes"] = cost.flops, cost.bytes
     row["roofline_ms"] = max(cost.flops / peaks.flops_per_s, cost.bytes / peaks.bytes_per_s) * 1e3
-    if f"{name}_ms" in row:
-        row[f"{name}_pct_of_roofline"] = 100 * row["roofline_ms"] / row[f"{name}_ms"]
+    for name in kilns:
+        if f"{name}_ms" in row:
+            row[f"{name}_pct_of_roofline"] = 100 * row["roofline_ms"] / row[f"{name}_ms"]
 
 
 def _geomean_of(rows: list[dict[str, Any]], key: str) -> float | None:
@@ -177,56 +354,148 @@ def _geomean_of(rows: list[dict[str, Any]], key: str) -> float | None:
     return geomean(vals) if vals else None
 
 
+def _max_of(rows: list[dict[str, Any]], key: str) -> float | None:
+    vals = [r[key] for r in rows if r.get(key) is not None]
+    return max(vals) if vals else None
+
+
+def _available(rows: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
+    return [r for r in rows if not r.get(f"{name}_unavailable")]
+
+
+def headline_kiln(rows: list[dict[str, Any]], contenders: list[Contender]) -> str | None:
+    kilns = [c for c in contenders if c.kind == "kiln"]
+    usable = [c for c in kilns if _available(rows, c.name)]
+    tuned = [c for c in usable if c.options.get("tune_trials")]
+    pick = tuned[-1] if tuned else (usable[0] if usable else (kilns[0] if kilns else None))
+    return pick.name if pick else None
+
+
 def summarize(rows: list[dict[str, Any]], contenders: list[Contender]) -> dict[str, Any]:
-    kilns = [c.name for c in contenders if c.kind == "kiln"]
     by: dict[str, Any] = {}
+    unavailable: dict[str, str] = {}
     for c in contenders:
         if c.kind == "eager":
             continue
-        by[c.name] = {"speedup_vs_eager_geomean": _geomean_of(rows, f"{c.name}_speedup_vs_eager"),
-                      "all_correct": all(r.get(f"{c.name}_correct", False) for r in rows)}
+        n = c.name
+        avail = _available(rows, n)
+        by[n] = {"speedup_vs_eager_geomean": _geomean_of(rows, f"{n}_speedup_vs_eager"),
+                 "all_correct": bool(rows) and all(r.get(f"{n}_correct", False) for r in rows),
+                 "rows_correct": sum(bool(r.get(f"{n}_correct")) for r in rows),
+                 "compile_s_max": _max_of(rows, f"{n}_compile_s"),
+                 "compile_warm_s_max": _max_of(rows, f"{n}_compile_warm_s")}
         if c.kind == "kiln":
-            by[c.name]["speedup_vs_inductor_geomean"] = _geomean_of(rows, f"{c.name}_speedup_vs_inductor")
-    main = by.get(kilns[0], {}) if kilns else {}
+            by[n]["speedup_vs_inductor_geomean"] = _geomean_of(rows, f"{n}_speedup_vs_inductor")
+            by[n]["speedup_vs_best_peer_geomean"] = _geomean_of(rows, f"{n}_speedup_vs_best_peer")
+        if len(avail) < len(rows):
+            reasons = dict.fromkeys(r.get(f"{n}_error", "?") for r in rows if r.get(f"{n}_unavailable"))
+            unavailable[n] = by[n]["unavailable"] = "; ".join(reasons)
+    head = headline_kiln(rows, contenders)
+    main = by.get(head, {}) if head else {}
+    kiln_cells = [r.get(f"{c.name}_correct", False) for c in contenders if c.kind == "kiln"
+                  for r in _available(rows, c.name)]
+    peer_cells = [r.get(f"{c.name}_correct", False) for c in contenders if c.kind in PEER_KINDS
+                  for r in _available(rows, c.name)]
     return {
+        "kiln_contender": head,
         "speedup_vs_eager_geomean": main.get("speedup_vs_eager_geomean"),
         "speedup_vs_inductor_geomean": main.get("speedup_vs_inductor_geomean"),
-        "all_correct": all(r.get(f"{c.name}_correct", False) for r in rows for c in contenders),
+        "speedup_vs_best_peer_geomean": main.get("speedup_vs_best_peer_geomean"),
+        "all_correct": bool(kiln_cells) and all(kiln_cells),
+        "warm_compile_s_max": main.get("compile_warm_s_max"),
+        "peers_all_correct": all(peer_cells),
         "models": len(rows),
-        "kiln_contender": kilns[0] if kilns else None,
+        "unavailable": unavailable,
         "by_contender": by,
     }
 
 
+def _cell_time(row: dict[str, Any], name: str) -> str | None:
+    if f"{name}_ms" not in row:
+        return "n/a" if row.get(f"{name}_unavailable") else ("FAILED" if f"{name}_error" in row else None)
+    text = f"{row[f'{name}_ms']:.3g} ({row[f'{name}_min_ms']:.3g}-{row[f'{name}_max_ms']:.3g})"
+    return text if row.get(f"{name}_correct") else text + " WRONG"
+
+
+def _cell_compile(row: dict[str, Any], name: str) -> str | None:
+    cold, warm = row.get(f"{name}_compile_s"), row.get(f"{name}_compile_warm_s")
+    if cold is None:
+        return None
+    return f"{cold:.3g} / {warm:.3g}" if warm is not None else f"{cold:.3g}"
+
+
+def display_rows(rows: list[dict[str, Any]], contenders: list[Contender]) -> tuple[list[dict], list[str],
+                                                                                     list[dict], list[str]]:
+    """Two printable tables: times and speed-ups; compile times, kernel paths and roofline."""
+    kilns = [c.name for c in contenders if c.kind == "kiln"]
+    times, comp = [], []
+    tcols = ["model"] + [f"{c.name} ms" for c in contenders] + ["best peer"]
+    for k in kilns:
+        tcols += [f"{k} vs eager", f"{k} vs inductor", f"{k} vs best peer"]
+    ccols = ["model"] + [f"{c.name} compile s (cold / warm)" for c in contenders if c.kind != "eager"]
+    ccols += [f"{k} kernels" for k in kilns] + ["roofline ms"] + [f"{k} % of roofline" for k in kilns]
+    for r in rows:
+        t: dict[str, Any] = {"model": r["model"], "best peer": r.get("best_peer")}
+        for c in contenders:
+            t[f"{c.name} ms"] = _cell_time(r, c.name)
+        for k in kilns:
+            t[f"{k} vs eager"] = r.get(f"{k}_speedup_vs_eager")
+            t[f"{k} vs inductor"] = r.get(f"{k}_speedup_vs_inductor")
+            t[f"{k} vs best peer"] = r.get(f"{k}_speedup_vs_best_peer")
+        times.append(t)
+        m: dict[str, Any] = {"model": r["model"], "roofline ms": r.get("roofline_ms")}
+        for c in contenders:
+            if c.kind != "eager":
+                m[f"{c.name} compile s (cold / warm)"] = _cell_compile(r, c.name)
+        for k in kilns:
+            paths = r.get(f"{k}_kernels")
+            m[f"{k} kernels"] = ", ".join(f"{v} {p}" for p, v in paths.items()) if paths else None
+            m[f"{k} % of roofline"] = r.get(f"{k}_pct_of_roofline")
+        comp.append(m)
+    return times, tcols, comp, ccols
+
+
 def columns(contenders: list[Contender]) -> list[str]:
+    """The JSON row keys of the main figures, in table order."""
     cols = ["model"]
     for c in contenders:
         cols += [f"{c.name}_ms", f"{c.name}_min_ms", f"{c.name}_max_ms"]
+    cols += ["best_peer"]
     for c in contenders:
         if c.kind != "eager":
             cols += [f"{c.name}_speedup_vs_eager"]
             if c.kind == "kiln":
-                cols += [f"{c.name}_speedup_vs_inductor"]
-    for c in contenders:
-        cols += [f"{c.name}_correct"]
+                cols += [f"{c.name}_speedup_vs_inductor", f"{c.name}_speedup_vs_best_peer"]
+    cols += [f"{c.name}_correct" for c in contenders]
     cols += [f"{c.name}_compile_s" for c in contenders if c.kind != "eager"]
     kilns = [c.name for c in contenders if c.kind == "kiln"]
     if kilns:
-        cols += ["roofline_ms", f"{kilns[0]}_pct_of_roofline"]
+        cols += ["roofline_ms"] + [f"{k}_pct_of_roofline" for k in kilns]
     return cols
 
 
 def print_results(rows: list[dict[str, Any]], summary: dict[str, Any], contenders: list[Contender],
                   out: Callable[[str], Any] = print) -> None:
-    out(f"torch threads: {torch.get_num_threads()}; times in ms (median, min, max over the timed reps); "
-        "speed-ups are eager (or Inductor) time / contender time, None when outputs do not match eager")
-    out(markdown_table(rows, columns(contenders)))
+    times, tcols, comp, ccols = display_rows(rows, contenders)
+    out(f"torch threads: {torch.get_num_threads()}; times in ms: median (min-max) over the timed reps; "
+        "speed-ups = other time / kiln time, blank when either output does not match eager (WRONG) or the "
+        "contender failed (FAILED) or is not available (n/a); best peer = fastest correct of "
+        f"{', '.join(c.name for c in contenders if c.kind in PEER_KINDS) or 'none'}")
+    out(markdown_table(times, tcols))
+    out("")
+    out("compile: cold = first build + call in this process; warm = a second one after dropping the process's "
+        "compile caches (Dynamo, kiln's in-memory kernels), served by the on-disk caches")
+    out(markdown_table(comp, ccols))
     for r in rows:
         for c in contenders:
-            if r.get(f"{c.name}_error"):
-                out(f"{r['model']}: {c.name}: {r[f'{c.name}_error']}")
-    shown = {k: v for k, v in summary.items() if k != "by_contender"}
+            for key in ("error", "warm_error"):
+                if r.get(f"{c.name}_{key}"):
+                    out(f"{r['model']}: {c.name}{' (warm compile)' if key == 'warm_error' else ''}: "
+                        f"{r[f'{c.name}_{key}']}")
+    shown = {k: v for k, v in summary.items() if k not in ("by_contender", "unavailable")}
     out("summary: " + ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items()))
+    for name, reason in summary.get("unavailable", {}).items():
+        out(f"unavailable: {name}: {reason}")
 
 
 def write_json(path: str, rows: list[dict[str, Any]], summary: dict[str, Any], contenders: list[Contender],

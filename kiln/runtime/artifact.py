@@ -158,7 +158,7 @@ def _options_dict(options: CompileOptions) -> dict[str, Any]:
     # debug_dir is a local path that does not change the artifact; leaving it out keeps artifacts
     # byte-identical whether or not $KILN_DEBUG_DIR was set.
     return {"target": options.target, "pipeline": options.pipeline, "verify": options.verify,
-            "check": options.check, "backend_options": dict(options.backend_options)}
+            "check": options.check, "backend_options": options.backend_config(), "quantize": options.quantize}
 
 
 def _dump_spec(spec) -> Any:
@@ -196,9 +196,7 @@ class LoadedModel(CompiledModel):
 
     def example_inputs(self) -> tuple[torch.Tensor, ...] | None:
         """The inputs stored with the artifact (``inputs.safetensors``), or None if there are none."""
-        if self._inputs is None:
-            return None
-        return tuple(self._inputs[f"input_{i}"] for i in range(len(self._inputs)))
+        return _input_tuple(self._inputs)
 
     def __repr__(self) -> str:
         return f"<LoadedModel {str(self.path)!r}: graph @{self.graph.name}, target {self.target!r}>"
@@ -287,10 +285,14 @@ def load_artifact(path: str | os.PathLike) -> LoadedModel:
                             f"has {len(graph.outputs)} outputs")
     graph.meta["out_spec"] = out_spec
     try:
-        compiled = compile_graph(graph, target, backend_options)
+        compiled = compile_graph(graph, target, backend_options, example_inputs=_input_tuple(inputs))
     except KilnError as e:
         raise ArtifactError(f"{path}: cannot compile the artifact's graph for target {target!r}: {e}") from e
     return LoadedModel(path, manifest, graph, compiled, out_spec, inputs)
+
+
+def _input_tuple(inputs: dict[str, torch.Tensor] | None) -> tuple | None:
+    return None if inputs is None else tuple(inputs[f"input_{i}"] for i in range(len(inputs)))
 
 
 def _read_manifest(manifest_path: Path) -> dict[str, Any]:

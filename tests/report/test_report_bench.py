@@ -6,13 +6,24 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from kiln.errors import KilnInputError
-from kiln.report.bench import CONTENDERS, Contender, contenders_for, run_model, summarize
+from kiln.errors import KilnInputError, UnsupportedError
+from kiln.report.bench import (
+    CONTENDERS,
+    Contender,
+    add_speedups,
+    contenders_for,
+    headline_kiln,
+    kernel_path_counts,
+    named_contender,
+    run_model,
+    summarize,
+)
 from kiln.report.roofline import REFERENCE_PEAKS
 
 REPO = Path(__file__).resolve().parents[2]
@@ -34,7 +45,7 @@ def _broken() -> Contender:
 
 
 def test_contender_table_and_validation():
-    assert list(CONTENDERS) == ["eager", "inductor", "kiln"]
+    assert list(CONTENDERS) == ["eager", "inductor", "inductor-freezing", "openvino", "kiln"]
     names = [c.name for c in contenders_for(["reference", "tvm", "reference"], inductor=False)]
     assert names == ["eager", "kiln", "kiln-tvm"]
     with pytest.raises(KilnInputError, match="unknown target 'gpu'"):
@@ -86,15 +97,18 @@ def test_e2e_script_quick_json(tmp_path, capsys):
     out = tmp_path / "e2e.json"
     threads = torch.get_num_threads()
     try:
-        rc = e2e.main(["--quick", "--models", "mlp", "--no-inductor", "--reps", "2", "--warmup", "1",
-                       "--json", str(out)])
+        rc = e2e.main(["--quick", "--models", "mlp", "--contenders", "kiln", "--pipeline", "O1", "--reps", "2",
+                       "--warmup", "1", "--json", str(out)])
     finally:
         torch.set_num_threads(threads)
     assert rc == 0
     doc = json.loads(out.read_text())
     assert set(doc) >= {"rows", "summary", "env", "contenders", "machine"}
-    assert {"speedup_vs_eager_geomean", "speedup_vs_inductor_geomean", "all_correct"} <= set(doc["summary"])
+    assert {"speedup_vs_eager_geomean", "speedup_vs_inductor_geomean", "speedup_vs_best_peer_geomean",
+            "all_correct", "warm_compile_s_max", "by_contender"} <= set(doc["summary"])
     assert doc["summary"]["all_correct"] is True and doc["summary"]["speedup_vs_inductor_geomean"] is None
+    assert doc["summary"]["kiln_contender"] == "kiln" and doc["summary"]["speedup_vs_best_peer_geomean"] is None
+    assert [c["name"] for c in doc["contenders"]] == ["eager", "kiln"]
     assert math.isfinite(doc["summary"]["speedup_vs_eager_geomean"])
     (row,) = doc["rows"]
     assert row["model"] == "mlp" and row["reps"] == 2 and doc["env"]["torch_threads"] == 2
@@ -119,3 +133,145 @@ def test_kiln_bench_cli_with_inductor(tmp_path, capsys, monkeypatch):
     assert row["inductor_correct"] and row["kiln_correct"]
     assert doc["summary"]["speedup_vs_inductor_geomean"] == pytest.approx(row["kiln_speedup_vs_inductor"])
     assert "kiln_speedup_vs_inductor" in capsys.readouterr().out
+
+
+def test_named_contenders():
+    names = ["eager", "inductor", "inductor-freezing", "openvino", "kiln", "kiln-tvm", "kiln-tvm-tuned"]
+    cs = [named_contender(n, pipeline="O2", tune_trials=7) for n in names]
+    assert [c.name for c in cs] == names
+    assert [c.kind for c in cs] == ["eager", "inductor", "inductor", "openvino", "kiln", "kiln", "kiln"]
+    assert cs[2].options == {"freezing": True} and cs[2].compile_context is not None
+    assert cs[3].options["config"]["INFERENCE_PRECISION_HINT"] == "f32" and cs[3].options["device"] == "CPU"
+    assert cs[4].options == {"target": "reference", "pipeline": "O2"}
+    assert cs[6].options == {"target": "tvm", "pipeline": "O2", "tune_trials": 7}
+    assert all(c.reset is not None for c in cs[1:])
+    with pytest.raises(KilnInputError, match="unknown contender 'tvm'"):
+        named_contender("tvm")
+    with pytest.raises(KilnInputError, match="unknown target 'gpu'"):
+        named_contender("kiln-gpu-tuned")
+
+
+def test_freezing_is_scoped_to_the_compile():
+    import torch._inductor.config as inductor_config
+
+    c = named_contender("inductor-freezing")
+    assert inductor_config.freezing is False
+    with c.compile_context():
+        assert inductor_config.freezing is True
+    assert inductor_config.freezing is False
+
+
+def _row(**ms_correct):
+    row = {"model": "m"}
+    for name, (ms, ok) in ms_correct.items():
+        name = name.replace("_", "-")
+        if ms is not None:
+            row[f"{name}_ms"] = ms
+        row[f"{name}_correct"] = ok
+    return row
+
+
+def _issue6():
+    return [named_contender(n, tune_trials=4) for n in
+            ("eager", "inductor", "inductor-freezing", "openvino", "kiln-tvm", "kiln-tvm-tuned")]
+
+
+def test_best_peer_is_the_fastest_correct_peer():
+    cs = _issue6()
+    row = _row(eager=(10.0, True), inductor=(8.0, True), inductor_freezing=(4.0, True), openvino=(2.0, False),
+               kiln_tvm=(5.0, True), kiln_tvm_tuned=(2.0, True))
+    add_speedups(row, cs)
+    assert row["best_peer"] == "inductor-freezing" and row["best_peer_ms"] == 4.0  # openvino is wrong
+    assert row["kiln-tvm-tuned_speedup_vs_best_peer"] == pytest.approx(2.0)
+    assert row["kiln-tvm-tuned_speedup_vs_inductor"] == pytest.approx(4.0)
+    assert row["kiln-tvm_speedup_vs_best_peer"] == pytest.approx(0.8)
+    assert row["openvino_speedup_vs_eager"] is None and "openvino_speedup_vs_best_peer" not in row
+    none = _row(eager=(10.0, True), inductor=(8.0, False), openvino=(None, False), kiln_tvm=(5.0, True))
+    add_speedups(none, cs)
+    assert none["best_peer"] is None and none["kiln-tvm_speedup_vs_best_peer"] is None
+    assert none["kiln-tvm_speedup_vs_inductor"] is None and none["kiln-tvm_speedup_vs_eager"] == 2.0
+
+
+def test_summary_headline_is_the_tuned_kiln_unless_unavailable():
+    cs = _issue6()
+    rows = []
+    for peer_ms, tuned_ms, warm in ((4.0, 2.0, 0.5), (9.0, 1.0, 0.8)):
+        r = _row(eager=(10.0, True), inductor=(peer_ms, True), inductor_freezing=(None, False),
+                 openvino=(None, False), kiln_tvm=(5.0, True), kiln_tvm_tuned=(tuned_ms, True))
+        r["openvino_unavailable"], r["openvino_error"] = True, "ModuleNotFoundError: No module named 'openvino'"
+        r["inductor-freezing_error"] = "RuntimeError: boom"
+        r["kiln-tvm-tuned_compile_warm_s"] = warm
+        add_speedups(r, cs)
+        rows.append(r)
+    s = summarize(rows, cs)
+    assert headline_kiln(rows, cs) == s["kiln_contender"] == "kiln-tvm-tuned"
+    assert s["speedup_vs_eager_geomean"] == pytest.approx(math.sqrt(5 * 10))
+    assert s["speedup_vs_best_peer_geomean"] == pytest.approx(math.sqrt(2 * 9))
+    assert s["warm_compile_s_max"] == 0.8 and s["all_correct"] is True
+    assert s["peers_all_correct"] is False  # inductor-freezing failed; unavailable openvino does not count
+    assert s["unavailable"] == {"openvino": "ModuleNotFoundError: No module named 'openvino'"}
+    assert s["by_contender"]["kiln-tvm"]["speedup_vs_best_peer_geomean"] == pytest.approx(math.sqrt(0.8 * 1.8))
+    for r in rows:  # tuning not built: the untuned contender is the headline, all_correct ignores the n/a cells
+        for k in [k for k in r if k.startswith("kiln-tvm-tuned_")]:
+            del r[k]
+        r["kiln-tvm-tuned_correct"], r["kiln-tvm-tuned_unavailable"] = False, True
+        r["kiln-tvm-tuned_error"] = "UnsupportedError: tuning is not implemented"
+    s = summarize(rows, cs)
+    assert s["kiln_contender"] == "kiln-tvm" and s["speedup_vs_eager_geomean"] == pytest.approx(2.0)
+    assert s["all_correct"] is True and s["warm_compile_s_max"] is None
+    assert s["unavailable"]["kiln-tvm-tuned"].startswith("UnsupportedError")
+    rows[0]["kiln-tvm_correct"] = False  # a wrong available kiln cell
+    assert summarize(rows, cs)["all_correct"] is False
+
+
+def test_unavailable_contenders_and_warm_compiles(monkeypatch):
+    model, inputs = _model()
+    calls = {"reset": 0, "context": 0}
+
+    def reset():
+        calls["reset"] += 1
+
+    class Context:
+        def __enter__(self):
+            calls["context"] += 1
+
+        def __exit__(self, *exc):
+            return False
+
+    def not_built(model, inputs):
+        raise UnsupportedError("option 'tune_trials' is not implemented yet")
+
+    counted = Contender("counted", lambda m, i: m, "inductor", {}, reset, Context)
+    contenders = [*contenders_for(["reference"], inductor=False), counted,
+                  Contender("kiln-later", not_built, "kiln"), named_contender("openvino")]
+    monkeypatch.setitem(sys.modules, "openvino", None)  # not installed: import raises ImportError
+    monkeypatch.setitem(sys.modules, "openvino.torch", None)
+    row = run_model("lin", model, inputs, contenders, warmup=1, reps=2, warm_compile=True)
+    assert calls == {"reset": 2, "context": 3}  # reset: cold and warm builds; context: those + the settling call
+    assert row["counted_compile_warm_s"] > 0 and row["kiln_compile_warm_s"] > 0
+    assert row["counted_warm_cache"] == {}  # no Inductor compile happened
+    assert row["kiln-later_unavailable"] and row["kiln-later_error"].startswith("UnsupportedError")
+    assert row["openvino_unavailable"] and row["openvino_error"].startswith("ModuleNotFoundError")
+    assert row["best_peer"] == "counted"
+    s = summarize([row], contenders)
+    assert s["all_correct"] is True and s["kiln_contender"] == "kiln"
+    assert set(s["unavailable"]) == {"kiln-later", "openvino"}
+
+
+def test_kernel_path_counts():
+    class Fn:
+        def __call__(self, *a):
+            return a
+
+    fn = Fn()
+    fn.kernel_paths = [{"kernel": "a", "path": "tvm"}, {"kernel": "b", "path": "torch"},
+                       {"kernel": "c", "path": "tvm"}]
+    holder = torch.nn.Module()
+    holder.part = torch.nn.Module()
+    holder.part.fn = fn
+
+    class Compiled:
+        compiled = type("CG", (), {"module": holder})()
+
+    assert kernel_path_counts(Compiled()) == {"torch": 1, "tvm": 2}
+    assert kernel_path_counts(object()) is None

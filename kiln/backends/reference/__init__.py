@@ -19,7 +19,7 @@ from kiln.backends.base import Backend, Executable, register_backend
 from kiln.ir.graph import Graph, Node
 from kiln.ir.to_fx import to_fx
 
-KNOWN_NAMESPACES = ("aten", "prims", "sym", "kiln")
+KNOWN_NAMESPACES = ("aten", "prims", "sym", "kiln", "onednn", "quantized")  # the last two: lowered int8 kernels
 
 
 @register_backend("reference")
