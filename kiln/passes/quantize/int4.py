@@ -13,8 +13,10 @@ Contract:
   so the search is never worse than RTN on the calibration data. ``1 / s`` is folded into the affine
   parameters of a LayerNorm that feeds only this layer (through views); otherwise an ``aten.mul`` by the
   constant ``1 / s`` precedes the layer. ``stats["awq_alpha"]`` records each choice. Then AWQ's clipping
-  search (``config.clip_grid``): per output row and group, the shrink ``1.0, 0.95, ...`` of the group's
-  range minimising that group's output error on the captured rows (1.0 = no clipping is a candidate).
+  search (``config.clip_grid``, off by default): per output row and group, the shrink ``1.0, 0.95, ...`` of
+  the group's range minimising that group's output error on the captured rows (1.0 = no clipping is a
+  candidate). On the stdlib GPT (120 training steps, 4 calibration batches) clipping overfitted the
+  calibration rows: held-out top-1 agreement 0.984 with it, 0.998 without (RTN: 0.995).
 """
 
 from __future__ import annotations
@@ -29,7 +31,14 @@ from kiln.ir.ops import aten
 from kiln.ir.quant_ops import WQ_LINEAR
 from kiln.passes.dce import eliminate_dead_code
 from kiln.passes.quantize.calibrate import tap
-from kiln.passes.quantize.layers import Layer, constant_of, find_layers, fresh_weight_name, root_weight
+from kiln.passes.quantize.layers import (
+    Layer,
+    constant_of,
+    find_layers,
+    fresh_weight_name,
+    replace_layer,
+    root_weight,
+)
 from kiln.passes.quantize.observers import QSpec, qparams_from_range
 from kiln.passes.quantize.weights import add_weight, group_qparams, quantize_per_group
 
@@ -41,7 +50,7 @@ class WeightOnlyConfig:
     symmetric: bool = False
     awq: bool = True
     grid: int = 20
-    clip_grid: int = 10  # clip ratios 1.0, 0.95, ... searched per (row, group); 0 turns the search off
+    clip_grid: int = 0  # > 1: clip ratios 1.0, 0.95, ... searched per (row, group) (see the contract)
     max_rows: int = 4096
     layers: frozenset[str] | None = None
 
@@ -173,11 +182,7 @@ def quantize_weight_only(graph: Graph, batches: list[tuple] | None, config: Weig
         qv, sv, zv = qw.values(graph, f"{layer.weight_name}.int{config.bits}")
         bv = add_weight(graph, f"{layer.weight_name}.int{config.bits}.bias", layer.bias.float()) \
             if layer.bias is not None else None
-        index = graph.index_of(layer.nodes[-1])
-        out = graph.create_node(WQ_LINEAR, (x, qv, sv, zv, config.group_size, bv), index=index).output
-        if list(out.type.shape) != list(layer.out.type.shape):
-            out = graph.create_node(aten.view.default, (out, list(layer.out.type.shape)), index=index + 1).output
-        graph.replace_all_uses(layer.out, out)
+        replace_layer(graph, layer, WQ_LINEAR, (x, qv, sv, zv, config.group_size, bv))
         stats["quantized_layers"].append(layer.name)
     eliminate_dead_code(graph)
     return stats

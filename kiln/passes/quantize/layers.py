@@ -15,6 +15,8 @@ Contract:
 - ``TRANSPARENT`` ops commute exactly with a monotone per-tensor affine quantization (layout ops,
   max pooling): ``quantize(T(x)) == T(quantize(x))``. ``transparent_input(node)`` is the one tensor input
   such an op moves, or None when the node is not transparent.
+- ``replace_layer(graph, layer, op, args)`` inserts ``op(*args)`` after the layer, reshapes its result to
+  the layer's output shape when they differ, and points every use of ``layer.out`` at it.
 """
 
 from __future__ import annotations
@@ -207,3 +209,12 @@ def fresh_weight_name(graph: Graph, base: str) -> str:
     while f"{base}.{i}" in graph.weights:
         i += 1
     return f"{base}.{i}"
+
+
+def replace_layer(graph: Graph, layer: Layer, op, args: tuple) -> Value:
+    index = graph.index_of(layer.nodes[-1])
+    out = graph.create_node(op, args, index=index).output
+    if list(out.type.shape) != list(layer.out.type.shape):
+        out = graph.create_node(aten.view.default, (out, list(layer.out.type.shape)), index=index + 1).output
+    graph.replace_all_uses(layer.out, out)
+    return out

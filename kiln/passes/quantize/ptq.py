@@ -35,7 +35,14 @@ from kiln.ir.rewrite import Rewriter, apply_patterns, collect_patterns, pattern
 from kiln.ir.types import TensorType
 from kiln.passes.dce import eliminate_dead_code
 from kiln.passes.quantize.calibrate import calibrate
-from kiln.passes.quantize.layers import _TRANSPARENT, Layer, find_layers, match_layer, transparent_input
+from kiln.passes.quantize.layers import (
+    _TRANSPARENT,
+    Layer,
+    find_layers,
+    match_layer,
+    replace_layer,
+    transparent_input,
+)
 from kiln.passes.quantize.observers import QSpec, make_observer
 from kiln.passes.quantize.weights import add_weight, quantize_per_channel
 
@@ -324,11 +331,7 @@ def quantize_dynamic(graph: Graph, config: PTQConfig | None = None) -> dict:
         qv, sv, zv = qw.values(graph, f"{layer.weight_name}.int8")
         bv = add_weight(graph, f"{layer.weight_name}.int8.bias", layer.bias.float()) if layer.bias is not None \
             else None
-        index = graph.index_of(layer.nodes[-1])
-        out = graph.create_node(DYNAMIC_QLINEAR, (layer.x, qv, sv, zv, bv, 0, 255), index=index).output
-        if list(out.type.shape) != list(layer.out.type.shape):
-            out = graph.create_node(aten.view.default, (out, list(layer.out.type.shape)), index=index + 1).output
-        graph.replace_all_uses(layer.out, out)
+        replace_layer(graph, layer, DYNAMIC_QLINEAR, (layer.x, qv, sv, zv, bv, 0, 255))
         stats["quantized_layers"].append(layer.name)
     eliminate_dead_code(graph)
     return stats
