@@ -7,6 +7,8 @@ Contract: ``compile_graph(graph, target="reference", options=None, example_input
   (``kiln.passes.quantize.lower``), chosen per op by measurement on ``example_inputs`` when given (else
   the first applicable kernel); ``CompiledGraph.quant_lowering`` is that report (None without such ops).
   The saved/compared graph stays the quantized one with exact reference semantics.
+- ``CompiledGraph.artifact_files()``: compiled code the backend offers for artifacts (name -> bytes);
+  ``options["prebuilt_dir"]`` hands such files back to the backend when an artifact is loaded.
 - Supported regions become ``kiln.partition`` nodes compiled by the target backend; every other node
   runs through PyTorch (eager fallback) in the top-level fx module. kiln never fails a model because
   one of its ops is unsupported.
@@ -60,14 +62,24 @@ class FallbackReport:
 
 
 class CompiledGraph:
-    def __init__(self, graph: Graph, module, report: FallbackReport):
+    def __init__(self, graph: Graph, module, report: FallbackReport, executables: list | None = None):
         self.graph = graph  # the partitioned graph
         self.module = module
         self.report = report
+        self.executables = list(executables or [])  # what the backend compiled, one per partition
         self.quant_lowering = None  # kiln.passes.quantize.lower.LoweringReport when the graph was quantized
 
     def __call__(self, *inputs) -> tuple:
         return self.module(*inputs)
+
+    def artifact_files(self) -> dict[str, bytes]:
+        """Compiled code to ship in an artifact: the union of the executables' ``artifact_files()``
+        (name -> bytes; a backend that builds libraries, like tvm, offers them so that loading the
+        artifact compiles nothing)."""
+        files: dict[str, bytes] = {}
+        for exe in self.executables:
+            files.update(getattr(exe, "artifact_files", dict)())
+        return files
 
 
 def compile_graph(graph: Graph, target: str = "reference", options: dict[str, Any] | None = None,
@@ -87,7 +99,7 @@ def compile_graph(graph: Graph, target: str = "reference", options: dict[str, An
     module = to_fx(g, submodules=executables)
     if report.fell_back:
         log.warning(report.summary_line())
-    compiled = CompiledGraph(g, module, report)
+    compiled = CompiledGraph(g, module, report, list(executables.values()))
     compiled.quant_lowering = lowering
     return compiled
 

@@ -10,11 +10,14 @@ Contract:
   ``graph.kir``: ``compiled.graph`` (optimized, before partitioning) as IR text;
   ``weights.safetensors``: ``graph.weights`` by name (contiguous copies, so views save fine; the
   manifest's ``weight_strides`` restores permuted layouts such as folded transposes on load);
-  ``inputs.safetensors`` (optional): example inputs named ``input_0``, ``input_1``...
+  ``inputs.safetensors`` (optional): example inputs named ``input_0``, ``input_1``...;
+  ``kernels/NAME`` (optional): compiled code the backend offers (``CompiledGraph.artifact_files()``,
+  e.g. the tvm target's kernel libraries and their metadata), so loading compiles nothing.
   The same inputs give a byte-identical directory (sorted JSON keys, no timestamps).
 - ``load_artifact(path) -> LoadedModel``: checks every file's sha256 before using it, checks the format
   version and the kiln major version, parses and verifies the graph, and compiles it for the recorded
-  target. Nothing is unpickled. Every problem is an ``ArtifactError`` naming the file and what is wrong.
+  target, handing the backend the verified ``kernels/`` directory (``options["prebuilt_dir"]``). Nothing
+  is unpickled. Every problem is an ``ArtifactError`` naming the file and what is wrong.
 - ``LoadedModel`` is a ``CompiledModel`` (same input checks, outputs in the model's structure) with
   ``.path``, ``.manifest``, ``.model_ref`` and ``.example_inputs()`` (the stored inputs, or None).
 """
@@ -43,6 +46,7 @@ MANIFEST = "manifest.json"
 GRAPH_FILE = "graph.kir"
 WEIGHTS_FILE = "weights.safetensors"
 INPUTS_FILE = "inputs.safetensors"
+KERNELS_DIR = "kernels"
 REQUIRED_FILES = (GRAPH_FILE, WEIGHTS_FILE)
 _SAFETENSORS_METADATA = {"format": "pt"}
 
@@ -76,6 +80,10 @@ def save_artifact(compiled: CompiledModel, path: str | os.PathLike, *, model_ref
             raise KilnInputError(f"example inputs must all be tensors to be stored in an artifact; got {bad[0]}")
         named = {f"input_{i}": x for i, x in enumerate(leaves)}
         files[INPUTS_FILE] = _safetensors_bytes(_contiguous_copies(named), INPUTS_FILE)
+    for name, data in sorted(compiled.compiled.artifact_files().items()):
+        if not _safe_name(name):
+            raise ArtifactError(f"backend file name {name!r} is not a plain file name")
+        files[f"{KERNELS_DIR}/{name}"] = data
 
     manifest = {
         "format": FORMAT,
@@ -105,6 +113,7 @@ def save_artifact(compiled: CompiledModel, path: str | os.PathLike, *, model_ref
 
     with atomic_dir(path) as tmp:
         for name, data in sorted(files.items()):
+            (tmp / name).parent.mkdir(exist_ok=True)
             (tmp / name).write_bytes(data)
         (tmp / MANIFEST).write_text(manifest_text, encoding="utf-8")
     return path
@@ -239,7 +248,7 @@ def load_artifact(path: str | os.PathLike) -> LoadedModel:
             raise ArtifactError(f"{manifest_path}: the manifest lists no {name}")
     data: dict[str, bytes] = {}
     for name, digest in sorted(hashes.items()):
-        if not isinstance(name, str) or "/" in name or "\\" in name or name in ("", ".", "..", MANIFEST):
+        if not isinstance(name, str) or not _safe_name(name.removeprefix(f"{KERNELS_DIR}/")) or name == MANIFEST:
             raise ArtifactError(f"{manifest_path}: bad file name {name!r} in 'files'")
         if not isinstance(digest, str):
             raise ArtifactError(f"{manifest_path}: bad sha256 for {name} in 'files'")
@@ -284,11 +293,17 @@ def load_artifact(path: str | os.PathLike) -> LoadedModel:
         raise ArtifactError(f"{manifest_path}: 'out_spec' has {out_spec.num_leaves} leaves but the graph "
                             f"has {len(graph.outputs)} outputs")
     graph.meta["out_spec"] = out_spec
+    if any(name.startswith(f"{KERNELS_DIR}/") for name in hashes):
+        backend_options = {**backend_options, "prebuilt_dir": str(path / KERNELS_DIR)}
     try:
         compiled = compile_graph(graph, target, backend_options, example_inputs=_input_tuple(inputs))
     except KilnError as e:
         raise ArtifactError(f"{path}: cannot compile the artifact's graph for target {target!r}: {e}") from e
     return LoadedModel(path, manifest, graph, compiled, out_spec, inputs)
+
+
+def _safe_name(name: str) -> bool:
+    return bool(name) and "/" not in name and "\\" not in name and name not in (".", "..")
 
 
 def _input_tuple(inputs: dict[str, torch.Tensor] | None) -> tuple | None:

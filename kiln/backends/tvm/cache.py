@@ -9,6 +9,8 @@ Contract:
   weights renamed in order, graph name dropped: kernels of two models with the same shapes and ops share
   an entry), the target, TVM's version and the schedule's identity (``SCHEDULE_VERSION`` of kiln's
   default schedule; bump it when ``schedule_cpu`` changes).
+- ``KernelCache(root, prebuilt=DIR)`` also reads entries from ``DIR`` (read-only, looked up first): an
+  artifact's ``kernels/`` directory. ``entry_files(key)`` gives a verified entry's two files as bytes.
 - ``get(key) -> tvm function | None``, ``put(key, module, meta)``: an entry is ``KEY.so`` (TVM's
   ``export_library``) plus ``KEY.json`` (format version, kiln/TVM versions, target, the .so's sha256).
   Both are written atomically (temporary file + rename, the .so first). Before a .so is loaded its
@@ -98,23 +100,50 @@ class CacheStats:
 
 
 class KernelCache:
-    def __init__(self, root: str | os.PathLike | None | bool = None):
+    def __init__(self, root: str | os.PathLike | None | bool = None, prebuilt: str | os.PathLike | None = None):
         if root is False or (root is None and os.environ.get("KILN_CACHE_DIR", "").lower() == "off"):
             self.root = None
         else:
             self.root = Path(root) if root not in (None, True) else cache_dir()
+        self.prebuilt = Path(prebuilt) if prebuilt is not None else None  # read-only (an artifact's kernels)
         self.stats = CacheStats()
 
     def _reject(self, path: Path, reason: str) -> None:
         self.stats.rejected += 1
-        warnings.warn(f"kiln: ignoring TVM cache entry {path}: {reason}", KilnCacheWarning, stacklevel=3)
+        warnings.warn(f"kiln: ignoring TVM cache entry {path}: {reason}", KilnCacheWarning, stacklevel=4)
+
+    def _roots(self) -> list[Path]:
+        return [r for r in (self.prebuilt, self.root) if r is not None]
 
     def get(self, key: str):
-        if self.root is None:
-            return None
-        meta_path, lib_path = self.root / f"{key}.json", self.root / f"{key}.so"
+        for root in self._roots():
+            lib_path = self._verified(root, key)
+            if lib_path is None:
+                continue
+            try:
+                function = tvm.runtime.load_module(str(lib_path))["main"]
+            except Exception as e:  # TVM raises its own error types for a bad library
+                self._reject(lib_path, f"TVM could not load it ({type(e).__name__})")
+                continue
+            self.stats.hits += 1
+            return function
+        self.stats.misses += 1
+        return None
+
+    def entry_files(self, key: str) -> dict[str, bytes]:
+        """The verified files of entry ``key`` (``KEY.so``, ``KEY.json``), e.g. to put in an artifact;
+        empty if no root holds a valid entry."""
+        for root in self._roots():
+            lib_path = self._verified(root, key)
+            if lib_path is not None:
+                return {f"{key}.so": lib_path.read_bytes(), f"{key}.json": (root / f"{key}.json").read_bytes()}
+        return {}
+
+    def _verified(self, root: Path, key: str) -> Path | None:
+        """``root/KEY.so`` if its metadata is readable, of this format and TVM version, and its sha256
+        matches; None (with a warning for a bad entry, silently for a missing one) otherwise."""
+        meta_path, lib_path = root / f"{key}.json", root / f"{key}.so"
         if not meta_path.exists():
-            self.stats.misses += 1
             return None
         try:
             meta = json.loads(meta_path.read_text())
@@ -136,13 +165,7 @@ class KernelCache:
         if digest != meta.get("sha256"):
             self._reject(lib_path, "sha256 mismatch (corrupt or modified library)")
             return None
-        try:
-            function = tvm.runtime.load_module(str(lib_path))["main"]
-        except Exception as e:  # TVM raises its own error types for a bad library
-            self._reject(lib_path, f"TVM could not load it ({type(e).__name__})")
-            return None
-        self.stats.hits += 1
-        return function
+        return lib_path
 
     def put(self, key: str, module, meta: dict[str, Any]) -> None:
         if self.root is None:
