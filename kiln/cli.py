@@ -563,6 +563,10 @@ def _print_compile_summary(compiled, opts, seconds: float, path: Path) -> None:
             table.add_row(r.name, f"{r.seconds * 1e3:.1f}", "yes" if r.changed else "-",
                           f"{r.nodes_before} -> {r.nodes_after}")
         console.print(table)
+    lowering = compiled.compiled.quant_lowering
+    if lowering is not None:
+        chosen = ", ".join(f"{k} x{v}" for k, v in sorted(lowering.paths().items()))
+        console.print(f"quantized ops -> kernels (measured here): {chosen}")
     click.echo(f"wrote {path}")
 
 
