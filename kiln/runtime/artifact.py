@@ -65,13 +65,14 @@ def save_artifact(compiled: CompiledModel, path: str | os.PathLike, *, model_ref
         # atomic_dir replaces the whole directory: never throw away something that is not an artifact
         raise ArtifactError(f"{path}: exists and is not a kiln artifact; refusing to replace it")
     graph = compiled.graph
+    weights = _all_weights(graph)
     files: dict[str, bytes] = {
         GRAPH_FILE: (print_graph(graph) + "\n").encode("utf-8"),
-        WEIGHTS_FILE: _safetensors_bytes(_contiguous_copies(graph.weights), WEIGHTS_FILE),
+        WEIGHTS_FILE: _safetensors_bytes(_contiguous_copies(weights), WEIGHTS_FILE),
     }
     # safetensors stores dense row-major data; remember permuted layouts (e.g. constant-folded transposes,
     # IR layout "strided") so the loaded graph computes exactly what the compiled one did.
-    weight_strides = {name: list(t.stride()) for name, t in sorted(graph.weights.items())
+    weight_strides = {name: list(t.stride()) for name, t in sorted(weights.items())
                       if not t.is_contiguous() and _is_permuted_dense(t)}
     if example_inputs is not None:
         leaves = pytree.tree_leaves(example_inputs)
@@ -117,6 +118,24 @@ def save_artifact(compiled: CompiledModel, path: str | os.PathLike, *, model_ref
             (tmp / name).write_bytes(data)
         (tmp / MANIFEST).write_text(manifest_text, encoding="utf-8")
     return path
+
+
+def _all_weights(graph) -> dict[str, torch.Tensor]:
+    """The weights of ``graph`` and of every region inside it (fused groups hold their own), by name; the
+    parser attaches them to regions by name again."""
+    out: dict[str, torch.Tensor] = {}
+
+    def walk(g) -> None:
+        for name, t in g.weights.items():
+            if name in out and out[name] is not t and not torch.equal(out[name], t):
+                raise ArtifactError(f"weight name {name!r} names two different tensors in @{graph.name}")
+            out[name] = t
+        for node in g.nodes:
+            if node.subgraph is not None:
+                walk(node.subgraph)
+
+    walk(graph)
+    return out
 
 
 def _contiguous_copies(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -195,3 +195,13 @@ def test_save_refuses_to_replace_a_non_artifact(zoo, tmp_path):
     with pytest.raises(ArtifactError, match="not a kiln artifact"):
         save_artifact(zoo["mlp"][2], tmp_path / "src", model_ref=None, options=OPTS)
     assert (tmp_path / "src" / "keep.txt").read_text() == "precious"
+
+
+def test_o2_artifact_keeps_the_weights_inside_fused_groups(tmp_path):
+    model, inputs = REGISTRY["mlp"](size="small", seed=0)
+    cm = kiln.compile(model, inputs, pipeline="O2")
+    assert any(n.subgraph is not None and n.subgraph.weights for n in cm.graph.nodes)  # fused groups hold weights
+    out = save_artifact(cm, tmp_path / "o2", model_ref=None, options=CompileOptions(pipeline="O2"),
+                        example_inputs=inputs)
+    with torch.no_grad():
+        assert_match(load_artifact(out)(*inputs), cm(*inputs))

@@ -18,10 +18,28 @@ Contract:
   False to stay off disk; default ``kiln.backends.tvm.cache.cache_dir()``). Weight tensors are
   parameters bound at call time, so kernels with the same structure share one compiled function.
 - ``options["schedule"]`` may pass another schedule function (the default is ``schedule_cpu``).
+- Artifacts: ``run.artifact_files()`` gives the compiled libraries of every kernel this compile used (from
+  the kernel cache: none when ``cache_dir`` is False) and the tuning records it read or wrote; loading
+  the artifact passes them back as ``options["prebuilt_dir"]``, read before the user's caches, so a load
+  on the same target compiles, tunes and measures nothing (another CPU gives other keys and rebuilds).
+- Tuning (``tune.py``): ``options["tune_trials"] = N`` (int >= 0; None/0 = untuned) tunes every TVM kernel
+  with MetaSchedule, N measured candidates per kernel, keeping the faster of the tuned and untuned
+  schedules; records persist in ``tune_db.TuningDatabase`` (``options["tuning_dir"]``: a directory, or
+  False for memory only; default ``$KILN_CACHE_DIR/tvm-tuning``, off when ``cache_dir`` is False).
+  With tuning on, GEMM/conv (``te_ops.GEMM_OPS``) may run in TIR: ``options["gemm"]`` = ``"auto"``
+  (default: per fused group — GEMM plus its epilogue — or lone GEMM, the TIR kernel and the PyTorch
+  GEMM + TVM epilogue are both built and timed on the real shapes, the faster kept and recorded, so a
+  warm compile measures nothing), ``"tvm"`` (force TIR) or ``"torch"`` (force PyTorch). Without tuning
+  GEMM/conv always run through PyTorch. ``kernel_paths`` entries of TVM kernels then carry ``tuned``,
+  ``tuned_s``, ``untuned_s``; the entry holding a GEMM/conv carries ``choice``, ``tvm_s``, ``torch_s``
+  (when measured). ``run.tuning`` is the tuner's summary (None untuned).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
 from typing import Any
 
 from kiln.backends.base import Backend, Executable, register_backend
@@ -36,12 +54,14 @@ from kiln.passes.analysis import VIEW_OPS
 from .cache import KernelCache, canonical_text
 from .kernel import TVMKernel, cpu_target, schedule_id
 from .schedule import schedule_cpu
-from .te_ops import can_lower
+from .te_ops import GEMM_OPS, can_lower
+from .tune import KernelTuner, gemm_mode, tuning_enabled
+from .tune_db import TuningDatabase
 
 # Ops PyTorch runs inside a TVM partition: its GEMM/conv kernels (MKL, oneDNN) beat untuned TIR by far
 # (ENVIRONMENT.md: untuned TVM ~100x slower than eager on an MLP). Which path each kernel took is reported.
 EXTERN_OPS = frozenset({
-    "aten.mm", "aten.addmm", "aten.bmm", "aten.convolution", "aten.max_pool2d_with_indices",
+    "aten.mm", "aten.addmm", "aten.bmm", "aten.linear", "aten.convolution", "aten.max_pool2d_with_indices",
     "aten.avg_pool2d", "aten._adaptive_avg_pool2d", "aten.embedding", "aten.native_group_norm",
     "aten.full", "aten.arange.start_step", "aten.scalar_tensor", "aten.full_like", "aten.split_with_sizes",
     "aten.split.Tensor", "aten.unbind.int", "aten._scaled_dot_product_flash_attention_for_cpu",
@@ -51,38 +71,72 @@ EXTERN_OPS = frozenset({
 _KERNEL_CACHE: dict[tuple[str, str], Any] = {}
 
 
+@dataclass
+class _Lowering:
+    """What one compile lowers with: the schedule, the disk cache and, when tuning, the tuner."""
+    schedule: Callable
+    disk: KernelCache
+    tuner: KernelTuner | None = None
+    gemm: str = "auto"
+    kernel_keys: set = field(default_factory=set)  # kernel cache entries this compile used
+
+
+# Namespaces of the integer kernels kiln's quantized ops are lowered to (kiln.passes.quantize.lower):
+# PyTorch runs them inside the partition like EXTERN_OPS.
+EXTERN_NAMESPACES = ("onednn", "quantized")
+LOWERED_QUANT_PREFIXES = ("kiln.torch_", "kiln.tvm_")  # lower.py's helper ops (PyTorch / TVM int8 kernels)
+
+
 def _runs_inside(node: Node) -> bool:
     if node.op is FUSED:
         return all(n.op is WEIGHT or _runs_inside(n) for n in node.subgraph.nodes)
-    return can_lower(node) or node.op.name in EXTERN_OPS or node.op.name in VIEW_OPS
+    return (can_lower(node) or node.op.name in EXTERN_OPS or node.op.name in VIEW_OPS
+            or node.op.namespace in EXTERN_NAMESPACES or node.op.name.startswith(LOWERED_QUANT_PREFIXES))
 
 
-def _kernel_node(node: Node) -> bool:
-    """A node that becomes (part of) a TVM kernel: lowerable and not a free view."""
-    return node.op is not WEIGHT and can_lower(node) and node.op.name not in VIEW_OPS
+def _is_gemm(node: Node) -> bool:
+    return node.op.name in GEMM_OPS and can_lower(node)
 
 
-def _kernel(graph: Graph, schedule, disk: KernelCache | None) -> TVMKernel:
-    key = (canonical_text(graph), str(cpu_target()), schedule_id(schedule))
-    cached = _KERNEL_CACHE.get(key)
-    if cached is None:
-        cached = _KERNEL_CACHE[key] = TVMKernel(graph, cpu_target(), schedule, cache=disk)
-    return cached.with_weights(graph)
+def _kernel_node(node: Node, gemm_in_tir: bool = False) -> bool:
+    """A node that becomes (part of) a TVM kernel: lowerable and not a free view; GEMM/conv only when
+    they are to run in TIR (tuned)."""
+    if node.op is WEIGHT or node.op.name in VIEW_OPS or not can_lower(node):
+        return False
+    return gemm_in_tir or node.op.name not in GEMM_OPS
 
 
-def _lower_regions(graph: Graph, schedule, disk, paths: list[dict]) -> dict[Node, Any]:
+def _kernel(graph: Graph, low: _Lowering) -> tuple[TVMKernel, dict]:
+    if low.tuner is not None:
+        kernel, info = low.tuner.kernel(graph)
+    else:
+        key = (canonical_text(graph), str(cpu_target()), schedule_id(low.schedule))
+        kernel, info = _KERNEL_CACHE.get(key), {}
+        if kernel is None:
+            kernel = _KERNEL_CACHE[key] = TVMKernel(graph, cpu_target(), low.schedule, cache=low.disk)
+    if kernel.key is not None:
+        low.kernel_keys.add(kernel.key)
+    return kernel.with_weights(graph), info
+
+
+def _tuning_fields(info: dict) -> dict:
+    return {k: info[k] for k in ("tuned", "tuned_s", "untuned_s") if k in info}
+
+
+def _lower_regions(graph: Graph, low: _Lowering, paths: list[dict], gemm_in_tir: bool = False) -> dict[Node, Any]:
     """Outline the lowerable parts of ``graph`` as kernels; returns partition node -> executable."""
     executables: dict[Node, Any] = {}
-    regions = partition(graph, _kernel_node)
+    regions = partition(graph, lambda n: _kernel_node(n, gemm_in_tir))
     # views/extern between kernels stay with PyTorch; a region of only views is not worth a kernel
     for i, region in enumerate(regions):
-        kernel_nodes = [n for n in region if _kernel_node(n)]
+        kernel_nodes = [n for n in region if _kernel_node(n, gemm_in_tir)]
         if not kernel_nodes:
             continue
         part = outline_region(graph, region, PARTITION, {"target": "tvm"}, f"{graph.name}_k{i}")
-        executables[part] = _kernel(part.subgraph, schedule, disk)
+        executables[part], info = _kernel(part.subgraph, low)
         paths.append({"kernel": part.subgraph.name, "path": "tvm",
-                      "ops": sorted({n.op.name for n in part.subgraph.nodes if n.op is not WEIGHT})})
+                      "ops": sorted({n.op.name for n in part.subgraph.nodes if n.op is not WEIGHT}),
+                      **_tuning_fields(info)})
     for node in graph.nodes:
         if node.op is not PARTITION and node.op is not WEIGHT and node.op.name not in VIEW_OPS:
             paths.append({"kernel": node.results[0].name if node.results else node.op.name, "path": "torch",
@@ -91,23 +145,56 @@ def _lower_regions(graph: Graph, schedule, disk, paths: list[dict]) -> dict[Node
     return executables
 
 
+def _lower_group(group: Node, low: _Lowering, paths: list[dict]) -> Any:
+    """A fused group's executable. With tuning on, a group holding a GEMM/conv runs it in TIR (fused with
+    its epilogue) or through PyTorch (plus a TVM epilogue kernel): forced by ``gemm``, else measured."""
+    has_gemm = any(_is_gemm(n) for n in group.subgraph.nodes)
+    if low.tuner is None or not has_gemm or low.gemm == "torch":
+        inner = clone_graph(group.subgraph)
+        return to_fx(inner, submodules=_lower_regions(inner, low, paths))
+    variants: dict[str, list[dict]] = {}
+
+    def build(path: str):
+        inner = clone_graph(group.subgraph)
+        variants[path] = []
+        return to_fx(inner, submodules=_lower_regions(inner, low, variants[path], gemm_in_tir=path == "tvm"))
+
+    if low.gemm == "tvm":
+        module = build("tvm")
+        paths.extend(variants["tvm"])
+        return module
+    name = group.subgraph.name
+    path, module, record = low.tuner.choose(canonical_text(group.subgraph), name, build,
+                                            [v.type for v in group.subgraph.inputs])
+    choice = {"choice": path, "tvm_s": record["tvm_s"], "torch_s": record["torch_s"]}
+    for entry in variants[path]:
+        ops = set(entry["ops"])
+        paths.append({**entry, **choice} if ops & GEMM_OPS else entry)
+    return module
+
+
 @register_backend("tvm")
 class TVMBackend(Backend):
     def supports(self, node: Node) -> bool:
         return _runs_inside(node)
 
     def compile(self, graph: Graph, options: dict[str, Any]) -> Executable:
-        schedule = options.get("schedule", schedule_cpu)
-        disk = KernelCache(options.get("cache_dir"))
+        trials = tuning_enabled(options)
+        prebuilt = options.get("prebuilt_dir")
+        low = _Lowering(options.get("schedule", schedule_cpu), KernelCache(options.get("cache_dir"), prebuilt),
+                        gemm=gemm_mode(options))
+        if trials:
+            db_root = options.get("tuning_dir", False if options.get("cache_dir") is False else None)
+            db = TuningDatabase(db_root, cpu_target(), prebuilt=prebuilt)
+            low.tuner = KernelTuner(trials, cpu_target(), low.disk, db)
         g = clone_graph(graph)
         paths: list[dict] = []
         submodules: dict[Node, Any] = {}
-        for node in list(g.nodes):
-            if node.op is FUSED:
-                inner = clone_graph(node.subgraph)
-                inner_exes = _lower_regions(inner, schedule, disk, paths)
-                submodules[node] = to_fx(inner, submodules=inner_exes)
-        submodules.update(_lower_regions_outside(g, schedule, disk, paths))
+        with low.tuner if low.tuner is not None else nullcontext():
+            for node in list(g.nodes):
+                if node.op is FUSED:
+                    submodules[node] = _lower_group(node, low, paths)
+            submodules.update(_lower_regions_outside(g, low, paths))
         gm = to_fx(g, submodules=submodules)
 
         def run(*inputs):
@@ -115,17 +202,57 @@ class TVMBackend(Backend):
 
         run.graph_module = gm
         run.kernel_paths = paths
+        run.tuning = low.tuner.summary() if low.tuner is not None else None
+
+        def artifact_files() -> dict[str, bytes]:
+            files: dict[str, bytes] = {}
+            for key in sorted(low.kernel_keys):
+                files.update(low.disk.entry_files(key))
+            if low.tuner is not None:
+                files.update(low.tuner.db.record_files())
+            return files
+
+        run.artifact_files = artifact_files
+        if low.tuner is not None:
+            low.tuner.print_summary()
         return run
 
 
-def _lower_regions_outside(graph: Graph, schedule, disk, paths: list[dict]) -> dict[Node, Any]:
+def _lower_lone_gemm(graph: Graph, node: Node, low: _Lowering, paths: list[dict], executables: dict) -> None:
+    """A GEMM/conv outside any fused group, with tuning on: its own TIR kernel or PyTorch's, by ``gemm``."""
+    name = f"{graph.name}_{node.results[0].name}"
+    part = outline_region(graph, [node], PARTITION, {"target": "tvm"}, name)
+    sub = part.subgraph
+
+    def build(path: str):
+        return _kernel(sub, low)[0] if path == "tvm" else to_fx(clone_graph(sub))
+
+    if low.gemm == "tvm":
+        kernel, info = _kernel(sub, low)
+        executables[part] = kernel
+        paths.append({"kernel": name, "path": "tvm", "ops": [node.op.name], **_tuning_fields(info)})
+        return
+    path, module, record = low.tuner.choose(canonical_text(sub), name, build, [v.type for v in sub.inputs])
+    executables[part] = module
+    entry = {"kernel": name, "path": path, "ops": [node.op.name], "choice": path,
+             "tvm_s": record["tvm_s"], "torch_s": record["torch_s"]}
+    if path == "tvm":
+        kernel_info = next((k for k in reversed(low.tuner.stats.kernels) if k["kernel"] == sub.name), {})
+        entry.update(_tuning_fields(kernel_info))
+    paths.append(entry)
+
+
+def _lower_regions_outside(graph: Graph, low: _Lowering, paths: list[dict]) -> dict[Node, Any]:
     """Lone lowerable nodes outside fused groups: one kernel each (no fusion beyond what passes decided)."""
     executables: dict[Node, Any] = {}
     for node in [n for n in graph.nodes if n.op is not FUSED and _kernel_node(n)]:
         name = f"{graph.name}_{node.results[0].name}"
         part = outline_region(graph, [node], PARTITION, {"target": "tvm"}, name)
-        executables[part] = _kernel(part.subgraph, schedule, disk)
-        paths.append({"kernel": name, "path": "tvm", "ops": [node.op.name]})
+        executables[part], info = _kernel(part.subgraph, low)
+        paths.append({"kernel": name, "path": "tvm", "ops": [node.op.name], **_tuning_fields(info)})
+    if low.tuner is not None and low.gemm != "torch":
+        for node in [n for n in graph.nodes if n.op is not FUSED and _is_gemm(n)]:
+            _lower_lone_gemm(graph, node, low, paths, executables)
     for node in graph.nodes:
         if node.op not in (PARTITION, WEIGHT, FUSED) and node.op.name not in VIEW_OPS:
             paths.append({"kernel": node.results[0].name if node.results else node.op.name, "path": "torch",

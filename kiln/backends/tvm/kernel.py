@@ -7,15 +7,16 @@ Contract:
   ``PrimFunc`` (inputs, weights, then outputs as parameters), scheduled by ``schedule`` and compiled by
   ``tvm.compile`` for ``target`` (default: ``cpu_target()``, LLVM for this host with its core count).
 - ``TVMKernel(*inputs)`` allocates the outputs with torch, hands every tensor to TVM through DLPack
-  (zero-copy; non-contiguous inputs are made contiguous first) and returns the outputs as a tuple, in the
-  graph's output order. Inputs must have the shapes and dtypes the graph was built for (``KilnInputError``
-  otherwise).
+  (zero-copy; non-contiguous or less than 64-byte aligned inputs are copied first) and returns the
+  outputs as a tuple, in the graph's output order. Inputs must have the shapes and dtypes the graph was
+  built for (``KilnInputError`` otherwise).
 - ``kernel.with_weights(graph)`` shares the compiled function with another graph of the same structure
   (weights are parameters, bound at call time).
 - ``kernel.source`` is the scheduled TIR (TVMScript), for reports and debugging (None when the compiled
   function came from the cache).
 - With a ``cache`` (``kiln.backends.tvm.cache.KernelCache``), the compiled library is looked up by
-  workload key before scheduling and stored after compiling; ``kernel.cached`` says which happened.
+  workload key (``kernel.key``) before scheduling and stored after compiling; ``kernel.cached`` says which
+  happened.
 """
 
 from __future__ import annotations
@@ -47,48 +48,75 @@ def cpu_target() -> tvm.target.Target:
                               "num-cores": max(1, min(cores, torch.get_num_threads()))})
 
 
+ALIGNMENT = 64  # bytes: TVM's DLPack import refuses less-aligned data
+
+
+def aligned(t: torch.Tensor) -> torch.Tensor:
+    """``t`` contiguous and 64-byte aligned (a copy only when it is not: a slice at an offset, or a tensor
+    read from a file buffer such as an artifact's safetensors)."""
+    t = t.contiguous()
+    return t if t.data_ptr() % ALIGNMENT == 0 else t.clone()
+
+
 def _placeholder(v: Value, name: str) -> te.Tensor:
     t = v.type
     return te.placeholder([int(d) for d in t.shape], TVM_DTYPES[t.dtype], name=name)
 
 
 def schedule_id(schedule: Callable) -> str:
-    """A schedule's identity in cache keys: its qualified name and its ``SCHEDULE_VERSION``."""
+    """A schedule's identity in cache keys: its own ``schedule_id`` attribute when it has one (a tuned
+    schedule: the hash of its trace), else its qualified name and its ``SCHEDULE_VERSION``."""
+    own = getattr(schedule, "schedule_id", None)
+    if isinstance(own, str):
+        return own
     version = getattr(schedule, "SCHEDULE_VERSION", getattr(importlib.import_module(schedule.__module__),
                                                              "SCHEDULE_VERSION", "?"))
     return f"{schedule.__module__}.{schedule.__qualname__}@{version}"
 
 
+def lower_graph(graph: Graph) -> tuple[list[te.Tensor], list[te.Tensor], list[torch.Tensor]]:
+    """``graph`` as tensor expressions: (parameters: inputs then weights, outputs, weight tensors)."""
+    env: dict[Value, object] = {}
+    params: list[te.Tensor] = []
+    for i, v in enumerate(graph.inputs):
+        env[v] = _placeholder(v, f"in{i}")
+        params.append(env[v])
+    weights: list[torch.Tensor] = []
+    for node in graph.nodes:
+        if node.op is WEIGHT:
+            env[node.output] = _placeholder(node.output, f"w{len(weights)}")
+            params.append(env[node.output])
+            weights.append(aligned(graph.weights[node.attrs["name"]]))
+            continue
+        if not can_lower(node):
+            raise UnsupportedError(f"TVM cannot lower %{node.results[0].name if node.results else '?'} = "
+                                   f"{node.op.name} in @{graph.name}")
+        args = map_values(node.args, env.__getitem__)
+        kwargs = {k: map_values(a, env.__getitem__) for k, a in node.kwargs.items()}
+        env.update(zip(node.results, lower_node(node, args, kwargs)))
+    outs, seen = [], set()
+    for v in graph.outputs:
+        t = env[v]
+        if t in params or id(t) in seen:  # a parameter or a repeated output needs its own buffer
+            t = te.compute(t.shape, lambda *i, t=t: t(*i), name="out_copy")
+        seen.add(id(t))
+        outs.append(t)
+    return params, outs, weights
+
+
+def graph_prim_func(graph: Graph):
+    """The unscheduled PrimFunc of ``graph`` (what schedules and MetaSchedule start from)."""
+    params, outs, _ = lower_graph(graph)
+    return te.create_prim_func([*params, *outs])
+
+
 class TVMKernel:
     def __init__(self, graph: Graph, target, schedule: Callable = schedule_cpu, cache: KernelCache | None = None):
-        env: dict[Value, object] = {}
-        params: list[te.Tensor] = []
         self.input_types = [v.type for v in graph.inputs]
-        for i, v in enumerate(graph.inputs):
-            env[v] = _placeholder(v, f"in{i}")
-            params.append(env[v])
-        self.weights: list[torch.Tensor] = []
-        for node in graph.nodes:
-            if node.op is WEIGHT:
-                env[node.output] = _placeholder(node.output, f"w{len(self.weights)}")
-                params.append(env[node.output])
-                self.weights.append(graph.weights[node.attrs["name"]].contiguous())
-                continue
-            if not can_lower(node):
-                raise UnsupportedError(f"TVM cannot lower %{node.results[0].name if node.results else '?'} = "
-                                       f"{node.op.name} in @{graph.name}")
-            args = map_values(node.args, env.__getitem__)
-            kwargs = {k: map_values(a, env.__getitem__) for k, a in node.kwargs.items()}
-            env.update(zip(node.results, lower_node(node, args, kwargs)))
-        outs, seen = [], set()
-        for v in graph.outputs:
-            t = env[v]
-            if t in params or id(t) in seen:  # a parameter or a repeated output needs its own buffer
-                t = te.compute(t.shape, lambda *i, t=t: t(*i), name="out_copy")
-            seen.add(id(t))
-            outs.append(t)
+        params, outs, self.weights = lower_graph(graph)
         self.output_types: list[TensorType] = [v.type for v in graph.outputs]
         key = workload_key(graph, target, schedule_id(schedule)) if cache is not None else None
+        self.key = key  # the kernel cache entry (None without a cache): what an artifact ships
         self.cached = False
         function = cache.get(key) if cache is not None else None
         if function is not None:
@@ -105,7 +133,7 @@ class TVMKernel:
     def with_weights(self, graph: Graph) -> TVMKernel:
         """This compiled kernel bound to ``graph``'s weight tensors (a graph of the same structure)."""
         bound = copy.copy(self)
-        bound.weights = [graph.weights[n.attrs["name"]].contiguous() for n in graph.nodes if n.op is WEIGHT]
+        bound.weights = [aligned(graph.weights[n.attrs["name"]]) for n in graph.nodes if n.op is WEIGHT]
         if [tuple(w.shape) for w in bound.weights] != [tuple(w.shape) for w in self.weights]:
             raise KilnInputError(f"@{graph.name}: its weights do not match the kernel's parameters")
         return bound
@@ -117,7 +145,7 @@ class TVMKernel:
             if tuple(x.shape) != tuple(int(d) for d in t.shape) or x.dtype != t.dtype:
                 raise KilnInputError(f"kernel input {i}: expected {t}, got {x.dtype} {tuple(x.shape)}")
         outs = [torch.empty([int(d) for d in t.shape], dtype=t.dtype) for t in self.output_types]
-        args = [tvm.runtime.from_dlpack(x.contiguous()) for x in (*inputs, *self.weights, *outs)]
+        args = [tvm.runtime.from_dlpack(aligned(x)) for x in (*inputs, *self.weights, *outs)]
         self.function(*args)
         return tuple(outs)
 

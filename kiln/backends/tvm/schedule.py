@@ -170,11 +170,23 @@ def _parallelize_roots(sch: Schedule, min_parallel: int) -> None:
             continue
 
 
-def schedule_cpu(func, lanes: int = 16, min_parallel: int = 1 << 18) -> tvm.IRModule:
-    sch = Schedule(tvm.IRModule({"main": func}))
+def _outputs(sch: Schedule) -> set[str]:
     # a buffer the root block does not allocate is a parameter: blocks that write one write an output
     internal = {buf.name for buf in sch.get(sch.get_sblock("root")).alloc_buffers}
-    outputs = {r.source.name for b in _blocks(sch) for r in sch.get(b).writes} - internal
+    return {r.source.name for b in _blocks(sch) for r in sch.get(b).writes} - internal
+
+
+def inline_producers(func):
+    """``func`` with step 1 of ``schedule_cpu`` applied (every non-output spatial block inlined): the
+    form MetaSchedule is retried on when its rules reject a function (see ``tune.py``)."""
+    sch = Schedule(tvm.IRModule({"main": func}))
+    _inline_spatial(sch, _outputs(sch))
+    return sch.mod["main"]
+
+
+def schedule_cpu(func, lanes: int = 16, min_parallel: int = 1 << 18) -> tvm.IRModule:
+    sch = Schedule(tvm.IRModule({"main": func}))
+    outputs = _outputs(sch)
     _inline_spatial(sch, outputs)
     _attach_reductions(sch, outputs)
     for block in _all_blocks(sch):

@@ -12,6 +12,10 @@ Contract:
   refused rather than lowered wrongly; ``div`` with a rounding mode is another overload, not in the table).
 - Semantics are PyTorch's: ``gelu`` exact uses ``erf``, ``hardtanh`` clamps, integer ``div.Tensor``
   promotes to float, comparisons give bool. Anything else is left to the partitioner's eager fallback.
+- ``GEMM_OPS`` (mm, addmm, bmm, 2-D NCHW convolution with any ``groups``, depthwise included) are in the
+  table too (topi's ``matmul``/``batch_matmul``/``conv2d_nchw``/``group_conv2d_nchw``), but the backend
+  lowers them only when MetaSchedule tunes them: with kiln's untuned schedule they are ~100x slower
+  than PyTorch's kernels. Transposed and non-2-D convolutions are refused.
 """
 
 from __future__ import annotations
@@ -402,6 +406,70 @@ def _batch_norm_inference(node, args, kwargs):
     return out, empty, te.compute((0,), lambda i: _const(0, dtype), name="empty")
 
 
+# -- GEMM / convolution (lowered to TIR only when MetaSchedule tunes them: see backend.GEMM_OPS) ----------
+
+GEMM_OPS = frozenset({"aten.mm", "aten.addmm", "aten.bmm", "aten.convolution"})
+
+
+def _scaled(t, factor, dtype: str):
+    return t if factor == 1 else topi.multiply(t, _const(factor, dtype))
+
+
+@lowering("aten.mm")
+def _mm(node, args, kwargs):
+    dtype = result_dtype(node)
+    return topi.nn.matmul(_operand(args[0], dtype), _operand(args[1], dtype), out_dtype=dtype)
+
+
+@lowering("aten.addmm")
+def _addmm(node, args, kwargs):
+    dtype = result_dtype(node)
+    bias, a, b = (_operand(x, dtype) for x in args[:3])
+    beta = kwargs.get("beta", args[3] if len(args) > 3 else 1)
+    alpha = kwargs.get("alpha", args[4] if len(args) > 4 else 1)
+    product = _scaled(topi.nn.matmul(a, b, out_dtype=dtype), alpha, dtype)
+    return product if beta == 0 else topi.add(product, _scaled(bias, beta, dtype))
+
+
+@lowering("aten.bmm")
+def _bmm(node, args, kwargs):
+    dtype = result_dtype(node)
+    return topi.nn.batch_matmul(_operand(args[0], dtype), _operand(args[1], dtype), out_dtype=dtype,
+                                transpose_b=False)
+
+
+def _conv_args(node: Node):
+    """(stride, padding, dilation, transposed, groups) of an ``aten.convolution`` node."""
+    a = list(node.args) + [None] * 9
+    names = {3: "stride", 4: "padding", 5: "dilation", 6: "transposed", 8: "groups"}
+    stride, padding, dilation, transposed, groups = (node.kwargs.get(n, a[i]) for i, n in names.items())
+    return stride, padding, dilation, transposed, groups
+
+
+@lowering("aten.convolution")
+def _convolution(node, args, kwargs):
+    dtype = result_dtype(node)
+    x, w = _operand(args[0], dtype), _operand(args[1], dtype)
+    bias = args[2] if len(args) > 2 else kwargs.get("bias")
+    stride, padding, dilation, _transposed, groups = _conv_args(node)
+    if groups == 1:
+        out = topi.nn.conv2d_nchw(x, w, list(stride), list(padding), list(dilation), out_dtype=dtype)
+    else:  # grouped and depthwise: the filter layout [out, in/groups, kh, kw] is PyTorch's
+        out = topi.nn.group_conv2d_nchw(x, w, list(stride), list(padding), list(dilation), groups, out_dtype=dtype)
+    if bias is not None:  # indexed directly: a reshape block of the bias trips MetaSchedule's conv rules
+        b = _operand(bias, dtype)
+        out = te.compute(out.shape, lambda n, c, h, x_: out[n, c, h, x_] + b[c], name="conv_bias")
+    return out
+
+
+def _refuse_conv(node: Node) -> bool:
+    """Only 2-D NCHW forward convolutions with symmetric padding (what topi's NCHW kernels compute)."""
+    stride, padding, dilation, transposed, groups = _conv_args(node)
+    if transposed or groups is None or len(node.inputs[0].type.shape) != 4:
+        return True
+    return not all(isinstance(p, (list, tuple)) and len(p) == 2 for p in (stride, padding, dilation))
+
+
 # -- the table's front door ---------------------------------------------------------------------------
 
 _REFUSE: dict[str, Callable[[Node], bool]] = {
@@ -412,6 +480,7 @@ _REFUSE: dict[str, Callable[[Node], bool]] = {
                                    for k in n.kwargs),
     "aten._softmax": lambda n: bool(n.args[2]) if len(n.args) > 2 else False,  # half_to_float
     "aten._log_softmax": lambda n: bool(n.args[2]) if len(n.args) > 2 else False,
+    "aten.convolution": _refuse_conv,
 }
 
 

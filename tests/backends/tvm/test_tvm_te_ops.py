@@ -8,7 +8,7 @@ import torch
 pytest.importorskip("tvm")
 
 from kiln.backends.tvm.kernel import build_kernel  # noqa: E402
-from kiln.backends.tvm.te_ops import LOWERINGS, can_lower  # noqa: E402
+from kiln.backends.tvm.te_ops import GEMM_OPS, LOWERINGS, can_lower  # noqa: E402
 from kiln.errors import KilnInputError, UnsupportedError  # noqa: E402
 from kiln.ir.builder import Builder  # noqa: E402
 from kiln.ir.graph import Graph  # noqa: E402
@@ -117,7 +117,7 @@ def test_lowering_matches_pytorch(name, shapes, build):
 def test_every_table_entry_is_exercised():
     graphs = [_graph(shapes, build) for _, shapes, build in CASES]
     used = {n.op.name for g in graphs for n in g.nodes}
-    missing = sorted(set(LOWERINGS) - used - {
+    missing = sorted(set(LOWERINGS) - used - GEMM_OPS - {  # GEMM/conv: test_tvm_tune.py
         # spellings that share an entry with a tested one
         "aten.add.Scalar", "aten.sub.Scalar", "aten.div.Scalar", "aten.mul.Tensor", "aten.minimum",
         "aten.log", "aten.sqrt", "aten.erf", "aten.floor", "aten.ceil", "aten.reciprocal",
