@@ -1,3 +1,3 @@
-"""Imports the built-in passes so that they register themselves by name."""
+"""Imports the built-in passes so that they register themselves by name (``quantize``: -O quantize,O2)."""
 
-from kiln.passes import attention, canonicalize, constant_fold, cse, dce, fold_bn, fusion, layout  # noqa: F401
+from kiln.passes import attention, canonicalize, constant_fold, cse, dce, fold_bn, fusion, layout, quantize  # noqa: F401

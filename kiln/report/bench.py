@@ -13,33 +13,40 @@ Contract:
 - ``CONTENDERS`` maps a name to a constructor: ``eager``; ``inductor`` (``torch.compile``, default mode);
   ``inductor-freezing`` (the same with ``torch._inductor.config.freezing = True``, scoped: the flag is
   set by ``compile_context``, a ``config.patch`` around each compiling call only, and restored after; the
-  FX graph cache keys on Inductor's config, so the two never share an entry); ``openvino``
+  two never share an FX-graph-cache entry: the key includes Inductor's config, and torch 2.13 bypasses the
+  cache for graphs with frozen weights); ``openvino``
   (``torch.compile(backend="openvino")``, CPU, f32 precision hint, ``INFERENCE_NUM_THREADS`` = torch's
-  thread count; optional: when the ``openvino`` package is missing the contender is *unavailable*);
+  thread count; optional: when the ``openvino`` package is missing the contender is *unavailable*; when
+  its default capture fails on a model, OpenVINO's own ``aot_autograd=True`` capture is tried, the cold
+  compile time includes both attempts and ``<c>_note`` says so);
   ``kiln`` (``kiln.compile(target, pipeline, **options)``). ``named_contender(name, pipeline, tune_trials)``
   parses the names ``benchmarks/e2e.py`` takes: those plus ``kiln-<target>`` and ``kiln-<target>-tuned``
   (``tune_trials`` MetaSchedule trials). ``contenders_for(targets, pipeline, inductor)`` gives eager,
   Inductor and one kiln per target (``kiln bench``). Bad names/targets/pipelines raise ``KilnInputError``
   before any model is built; an option kiln does not implement yet (``UnsupportedError``) is not an error
   here: the build raises it and the cell is reported unavailable.
-- ``run_model(name, model, inputs, contenders, warmup=3, reps=20, peaks=None, warm_compile=False) -> row``:
-  builds each contender (cold compile time = reset + build + first call, ``<c>_compile_s``; with
-  ``warm_compile`` a second reset + build + call, ``<c>_compile_warm_s``; Inductor's FX-graph-cache
-  outcome of that second compile is ``<c>_warm_cache``: hit/miss/bypass counts). A build that raises is a
-  failed cell (``<c>_correct`` False, ``<c>_error`` its first line), never a crash; ``UnsupportedError`` and
-  ``ImportError`` (the contender is not in this build/install) also set ``<c>_unavailable``. Each output
-  is compared with eager (``kiln.numerics``; a mismatch sets ``<c>_correct`` False and ``<c>_error``).
-  After all builds, every contender with a ``reset`` is called once in its ``compile_context`` (a later
-  contender's reset dropped Dynamo's code: it recompiles there, not in the timed loop, and with the right
-  config). Then all contenders are timed interleaved: ``warmup`` untimed rounds, ``reps`` rounds calling each once,
-  under ``torch.no_grad()``: ``<c>_ms`` (median), ``<c>_min_ms``, ``<c>_max_ms``. Speed-ups (None unless
-  both sides are correct: a wrong answer is never a speed-up): ``<c>_speedup_vs_eager`` for every
-  non-eager contender; for kiln contenders ``<c>_speedup_vs_inductor`` (default Inductor) and
-  ``<c>_speedup_vs_best_peer``, where ``best_peer``/``best_peer_ms`` is the fastest *correct* contender of a
-  peer kind on that row (None when there is none). Kiln contenders whose executable reports kernel paths
-  (the TVM backend's ``kernel_paths``) get ``<c>_kernels``: {path: count}. Roofline columns from the
-  first built kiln contender's graph: ``flops``, ``bytes`` (kernel reads + writes), ``roofline_ms`` with
-  the machine peaks ``peaks`` and ``<kiln>_pct_of_roofline`` for every kiln contender.
+- ``run_model(name, model, inputs, contenders, warmup=3, reps=20, peaks=None, warm_compile=False,
+  output_scaled_atol=False) -> row`` (``output_scaled_atol``: compare with ``magnitude`` = the largest eager
+  output element, ``kiln.numerics``' test for long accumulations such as a K=4096 GEMM): builds each contender
+  (cold compile time = reset + build + first call, ``<c>_compile_s``; with ``warm_compile`` a second reset +
+  build + call, ``<c>_compile_warm_s``; Inductor's FX-graph-cache outcomes of the two are ``<c>_cold_cache`` and
+  ``<c>_warm_cache``: hit/miss/bypass counts). A build that raises is a failed cell (``<c>_correct`` False,
+  ``<c>_error`` its first line), never a crash; ``UnsupportedError`` and ``ImportError`` (the contender is not
+  in this build/install) also set ``<c>_unavailable``. Each output is compared with eager (``kiln.numerics``; a
+  mismatch sets ``<c>_correct`` False and ``<c>_error``). After all builds, every contender with a ``reset`` is
+  called once in its ``compile_context`` (a later contender's reset dropped Dynamo's code: it recompiles there,
+  not in the timed loop, and with the right config). Then all contenders are timed interleaved: ``warmup``
+  untimed rounds, ``reps`` rounds calling each once, under ``torch.no_grad()``: ``<c>_ms`` (median),
+  ``<c>_min_ms``, ``<c>_max_ms``. Speed-ups (None unless both sides are correct: a wrong answer is never a
+  speed-up): ``<c>_speedup_vs_eager`` for every non-eager contender; for kiln contenders
+  ``<c>_speedup_vs_inductor`` (default Inductor) and ``<c>_speedup_vs_best_peer``, where
+  ``best_peer``/``best_peer_ms`` is the fastest *correct* contender of a peer kind on that row (None when there
+  is none). Kiln contenders whose executable reports kernel paths (the TVM backend's ``kernel_paths``) get
+  ``<c>_kernels``: {path: count}, and ``<c>_gemm_kernels``: the same over the kernels that hold a GEMM/conv
+  (``GEMM_OPS``): which path the heavy kernels took; with tuning, ``<c>_tuning`` and ``<c>_tuning_warm``
+  (``tuning_totals`` of the cold and warm builds: the warm one should tune nothing). Roofline columns from the
+  first built kiln contender's graph: ``flops``, ``bytes`` (kernel reads + writes), ``roofline_ms`` with the
+  machine peaks ``peaks`` and ``<kiln>_pct_of_roofline`` per kiln contender.
 - ``headline_kiln(rows, contenders)``: the kiln contender the summary's top-level keys describe: the last
   kiln contender with tuning (``tune_trials`` in its options) that was available on at least one row;
   else the first kiln contender available on at least one row; else the first kiln contender.
@@ -49,7 +56,12 @@ Contract:
   ``all_correct``: every kiln cell that was available matched eager (and at least one was); ``unavailable``
   {contender: reason}; ``peers_all_correct``; ``models``; and per contender under ``by_contender`` the same
   figures plus ``rows_correct`` and ``compile_s_max``.
-- ``print_results`` prints the markdown tables; ``write_json`` the report (``kiln.benchmarking.write_report``).
+- ``kiln_contender(name, target, pipeline, **options)``: a kiln contender under any name (e.g. with
+  ``backend_options``), options checked like ``named_contender``'s. ``add_speedups(row, contenders)`` fills
+  a row's ``best_peer`` and speed-ups from its ``_ms``/``_correct`` cells. ``kernel_paths(compiled)`` /
+  ``kernel_path_counts(compiled, gemm_only=False)`` read the backend executables' ``kernel_paths``.
+- ``print_results`` prints the markdown tables (``display_rows``: times and speed-ups; compile times,
+  kernel paths and roofline); ``write_json`` the report (``kiln.benchmarking.write_report``).
 """
 
 from __future__ import annotations
@@ -126,11 +138,26 @@ def _inductor_freezing() -> Contender:
                      _reset_dynamo, _freezing_on)
 
 
+_BUILD_NOTES: dict[int, str] = {}  # id(built callable) -> what its build had to do, read once by run_model
+
+
 def _openvino() -> Contender:
     def build(model, inputs):
         import openvino.torch  # noqa: F401  (registers the "openvino" torch.compile backend)
 
-        return torch.compile(model, backend="openvino", options=_openvino_options())
+        fn = torch.compile(model, backend="openvino", options=_openvino_options())
+        try:
+            with torch.no_grad():
+                fn(*inputs)  # compiles now
+            return fn
+        except Exception as e:  # e.g. Dynamo's symbolic-shape guards on some models: retry with AOTAutograd capture
+            first = _first_line(e)
+        torch._dynamo.reset()
+        fn = torch.compile(model, backend="openvino", options={**_openvino_options(), "aot_autograd": True})
+        with torch.no_grad():
+            fn(*inputs)  # a second failure is the cell's error
+        _BUILD_NOTES[id(fn)] = f"default capture failed ({first}); compiled with aot_autograd=True"
+        return fn
 
     return Contender("openvino", build, "openvino", _openvino_options(), _reset_dynamo)
 
@@ -187,6 +214,13 @@ def named_contender(name: str, pipeline: str = "O2", tune_trials: int = 32,
                          "kiln, kiln-<target>, kiln-<target>-tuned")
 
 
+def kiln_contender(name: str, target: str = "tvm", pipeline: str = "O2", **options: Any) -> Contender:
+    """A kiln contender under any name, e.g. ``kiln_contender("kiln-tvm-tir", backend_options={"gemm": "tvm"})``;
+    options are checked now (``KilnInputError``) except the not-yet-built ones (see the module contract)."""
+    _check_kiln_options({"target": target, "pipeline": pipeline, **options})
+    return CONTENDERS["kiln"](target, pipeline, name=name, **options)
+
+
 def contenders_for(targets: Sequence[str] = ("reference",), pipeline: str = "O1",
                    inductor: bool = True) -> list[Contender]:
     out = [CONTENDERS["eager"]()]
@@ -223,21 +257,53 @@ def _compiling(c: Contender) -> AbstractContextManager:
     return c.compile_context() if c.compile_context is not None else contextlib.nullcontext()
 
 
-def kernel_path_counts(compiled: Any) -> dict[str, int] | None:
-    """{path: kernels} over every backend executable inside a ``kiln.compile`` result that reports
-    ``kernel_paths`` (the TVM backend: "tvm" for generated TIR, "torch" for PyTorch's kernels); None if none do."""
+GEMM_OPS = frozenset({"aten.mm", "aten.addmm", "aten.bmm", "aten.baddbmm", "aten.convolution"})
+
+
+def kernel_paths(compiled: Any) -> list[dict[str, Any]] | None:
+    """Every ``kernel_paths`` entry ({"kernel", "path", "ops"}) of the backend executables inside a
+    ``kiln.compile`` result (the TVM backend: path "tvm" for generated TIR, "torch" for PyTorch's kernels);
+    None when no executable reports them."""
     module = getattr(getattr(compiled, "compiled", None), "module", None)
     if not isinstance(module, torch.nn.Module):
         return None
-    counts: Counter = Counter()
-    found = False
+    found: list[dict[str, Any]] | None = None
     for m in module.modules():
         paths = getattr(getattr(m, "fn", None), "kernel_paths", None)
-        if paths is None:
-            continue
-        found = True
-        counts.update(str(p.get("path", "?")) for p in paths)
-    return dict(sorted(counts.items())) if found else None
+        if paths is not None:
+            found = (found or []) + [dict(p) for p in paths]
+    return found
+
+
+TUNING_COUNTS = ("tuned", "reused", "fell_back", "gemm_choices_measured", "gemm_choices_reused", "tuning_s")
+
+
+def tuning_totals(compiled: Any) -> dict[str, float] | None:
+    """The backend executables' tuning summaries (the TVM backend's ``run.tuning``) summed over partitions:
+    kernels tuned now, reused from the tuning database, fallen back; GEMM path choices measured/reused;
+    seconds spent tuning. None when nothing was tuned (no executable reports a summary)."""
+    module = getattr(getattr(compiled, "compiled", None), "module", None)
+    if not isinstance(module, torch.nn.Module):
+        return None
+    totals: dict[str, float] | None = None
+    for m in module.modules():
+        summary = getattr(getattr(m, "fn", None), "tuning", None)
+        if isinstance(summary, dict):
+            totals = totals or dict.fromkeys(TUNING_COUNTS, 0)
+            for key in TUNING_COUNTS:
+                totals[key] += summary.get(key) or 0
+    return totals
+
+
+def kernel_path_counts(compiled: Any, gemm_only: bool = False) -> dict[str, int] | None:
+    """{path: kernels} over ``kernel_paths(compiled)``; with ``gemm_only`` only the kernels that hold a
+    GEMM/conv (``GEMM_OPS``). None when no executable reports kernel paths."""
+    paths = kernel_paths(compiled)
+    if paths is None:
+        return None
+    if gemm_only:
+        paths = [p for p in paths if any(str(op).removesuffix(".default") in GEMM_OPS for op in p.get("ops", ()))]
+    return dict(sorted(Counter(str(p.get("path", "?")) for p in paths).items()))
 
 
 def _first_line(e: BaseException) -> str:
@@ -246,7 +312,8 @@ def _first_line(e: BaseException) -> str:
 
 
 def run_model(name: str, model: torch.nn.Module, inputs: tuple, contenders: list[Contender], warmup: int = 3,
-              reps: int = 20, peaks: MachinePeaks | None = None, warm_compile: bool = False) -> dict[str, Any]:
+              reps: int = 20, peaks: MachinePeaks | None = None, warm_compile: bool = False,
+              output_scaled_atol: bool = False) -> dict[str, Any]:
     from kiln.numerics import compare
 
     model.eval()
@@ -255,9 +322,14 @@ def run_model(name: str, model: torch.nn.Module, inputs: tuple, contenders: list
                                                for x in inputs if isinstance(x, torch.Tensor))}
     with torch.no_grad():
         expected = model(*inputs)
+    magnitude = None
+    if output_scaled_atol:
+        leaves = [t for t in torch.utils._pytree.tree_leaves(expected) if isinstance(t, torch.Tensor) and t.numel()]
+        magnitude = max((t.detach().abs().max().item() for t in leaves), default=None)
     fns: dict[str, Callable] = {}
     graphs: dict[str, Any] = {}
     for c in contenders:
+        before = _fxgraph_counters()
         try:
             fn, out, cold = _build_and_call(c, model, inputs)
         except Exception as e:  # a contender that cannot compile this model is a failed cell, not a crash
@@ -266,16 +338,24 @@ def run_model(name: str, model: torch.nn.Module, inputs: tuple, contenders: list
             if isinstance(e, UNAVAILABLE_ERRORS):
                 row[f"{c.name}_unavailable"] = True
             continue
+        if id(fn) in _BUILD_NOTES:
+            row[f"{c.name}_note"] = _BUILD_NOTES.pop(id(fn))
         if c.kind != "eager":
             row[f"{c.name}_compile_s"] = cold
-        msg = compare(out, expected, "output")
+        if c.kind == "inductor":
+            row[f"{c.name}_cold_cache"] = dict(_fxgraph_counters() - before)
+        msg = compare(out, expected, "output", magnitude=magnitude)
         row[f"{c.name}_correct"] = msg is None
         if msg is not None:
             row[f"{c.name}_error"] = msg
+        if c.kind == "kiln" and tuning_totals(fn) is not None:
+            row[f"{c.name}_tuning"] = tuning_totals(fn)
         if warm_compile and c.kind != "eager":
             before = _fxgraph_counters()
             try:
                 fn, _, row[f"{c.name}_compile_warm_s"] = _build_and_call(c, model, inputs)
+                if c.kind == "kiln" and tuning_totals(fn) is not None:
+                    row[f"{c.name}_tuning_warm"] = tuning_totals(fn)
             except Exception as e:  # the first build worked: keep it, report the second
                 row[f"{c.name}_warm_error"] = _first_line(e)
             if c.kind == "inductor":
@@ -287,6 +367,7 @@ def run_model(name: str, model: torch.nn.Module, inputs: tuple, contenders: list
             paths = kernel_path_counts(fn)
             if paths is not None:
                 row[f"{c.name}_kernels"] = paths
+                row[f"{c.name}_gemm_kernels"] = kernel_path_counts(fn, gemm_only=True)
     with torch.no_grad():  # a later reset dropped earlier Dynamo contenders' code: recompile each in its context
         for c in contenders:
             if c.name in fns and c.reset is not None:
@@ -397,12 +478,12 @@ def summarize(rows: list[dict[str, Any]], contenders: list[Contender]) -> dict[s
     peer_cells = [r.get(f"{c.name}_correct", False) for c in contenders if c.kind in PEER_KINDS
                   for r in _available(rows, c.name)]
     return {
-        "kiln_contender": head,
         "speedup_vs_eager_geomean": main.get("speedup_vs_eager_geomean"),
         "speedup_vs_inductor_geomean": main.get("speedup_vs_inductor_geomean"),
         "speedup_vs_best_peer_geomean": main.get("speedup_vs_best_peer_geomean"),
         "all_correct": bool(kiln_cells) and all(kiln_cells),
         "warm_compile_s_max": main.get("compile_warm_s_max"),
+        "kiln_contender": head,
         "peers_all_correct": all(peer_cells),
         "models": len(rows),
         "unavailable": unavailable,
@@ -450,6 +531,11 @@ def display_rows(rows: list[dict[str, Any]], contenders: list[Contender]) -> tup
         for k in kilns:
             paths = r.get(f"{k}_kernels")
             m[f"{k} kernels"] = ", ".join(f"{v} {p}" for p, v in paths.items()) if paths else None
+            for key, when in (("tuning", "cold"), ("tuning_warm", "warm")):
+                t = r.get(f"{k}_{key}")
+                if t and m[f"{k} kernels"]:
+                    m[f"{k} kernels"] += (f"; {when}: {t['tuned']:g} tuned, {t['reused']:g} from the tuning "
+                                          f"database, {t['tuning_s']:.0f} s tuning")
             m[f"{k} % of roofline"] = r.get(f"{k}_pct_of_roofline")
         comp.append(m)
     return times, tcols, comp, ccols
@@ -488,10 +574,9 @@ def print_results(rows: list[dict[str, Any]], summary: dict[str, Any], contender
     out(markdown_table(comp, ccols))
     for r in rows:
         for c in contenders:
-            for key in ("error", "warm_error"):
+            for key, what in (("error", ""), ("warm_error", " (warm compile)"), ("note", " (note)")):
                 if r.get(f"{c.name}_{key}"):
-                    out(f"{r['model']}: {c.name}{' (warm compile)' if key == 'warm_error' else ''}: "
-                        f"{r[f'{c.name}_{key}']}")
+                    out(f"{r['model']}: {c.name}{what}: {r[f'{c.name}_{key}']}")
     shown = {k: v for k, v in summary.items() if k not in ("by_contender", "unavailable")}
     out("summary: " + ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items()))
     for name, reason in summary.get("unavailable", {}).items():

@@ -107,7 +107,7 @@ def explain(graph: Graph, inputs: tuple, pipeline: str = "O1", target: str = "re
 
     before = clone_graph(graph)
     start = time.perf_counter()
-    records = PassManager.from_pipeline(pipeline).run(graph, context_for(target))
+    records = PassManager.from_pipeline(pipeline).run(graph, context_for(target, calib_inputs=inputs))
     compiled = compile_graph(graph, target)
     compile_s = time.perf_counter() - start
     with torch.no_grad():

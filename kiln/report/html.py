@@ -201,8 +201,8 @@ def _fallbacks(d: ExplainData) -> str:
 
 def _quant(d: ExplainData) -> str:
     if not d.annotations:
-        body = (f'<p class="note">quantization: not run ({esc(NOT_IMPLEMENTED.get("quantize", "no pass"))} '
-                f'has not landed; no tensor carries quantization parameters).<br>pruning: not run '
+        body = ('<p class="note">quantization: not run (add the <code>quantize</code> pass to the pipeline, '
+                'e.g. <code>-O quantize,O2</code>; no tensor carries quantization parameters).<br>pruning: not run '
                 f'({esc(NOT_IMPLEMENTED.get("prune", "no pass"))}; no tensor carries sparsity info).</p>')
     else:
         rows = [f"<tr><td>%{esc(v)}</td><td>{esc(k)}</td><td>{esc(detail)}</td></tr>" for v, k, detail in d.annotations]

@@ -23,6 +23,7 @@ from kiln.report.bench import (
     named_contender,
     run_model,
     summarize,
+    tuning_totals,
 )
 from kiln.report.roofline import REFERENCE_PEAKS
 
@@ -132,7 +133,7 @@ def test_kiln_bench_cli_with_inductor(tmp_path, capsys, monkeypatch):
     (row,) = doc["rows"]
     assert row["inductor_correct"] and row["kiln_correct"]
     assert doc["summary"]["speedup_vs_inductor_geomean"] == pytest.approx(row["kiln_speedup_vs_inductor"])
-    assert "kiln_speedup_vs_inductor" in capsys.readouterr().out
+    assert "kiln vs inductor" in capsys.readouterr().out
 
 
 def test_named_contenders():
@@ -264,8 +265,9 @@ def test_kernel_path_counts():
             return a
 
     fn = Fn()
-    fn.kernel_paths = [{"kernel": "a", "path": "tvm"}, {"kernel": "b", "path": "torch"},
-                       {"kernel": "c", "path": "tvm"}]
+    fn.kernel_paths = [{"kernel": "a", "path": "tvm", "ops": ["aten.add"]},
+                       {"kernel": "b", "path": "torch", "ops": ["aten.mm"]},
+                       {"kernel": "c", "path": "tvm", "ops": ["aten.convolution.default", "aten.relu"]}]
     holder = torch.nn.Module()
     holder.part = torch.nn.Module()
     holder.part.fn = fn
@@ -274,4 +276,41 @@ def test_kernel_path_counts():
         compiled = type("CG", (), {"module": holder})()
 
     assert kernel_path_counts(Compiled()) == {"torch": 1, "tvm": 2}
+    assert kernel_path_counts(Compiled(), gemm_only=True) == {"torch": 1, "tvm": 1}
+    assert tuning_totals(Compiled()) is None  # untuned
+    fn.tuning = {"tuned": 2, "reused": 1, "fell_back": 0, "gemm_choices_measured": 1, "tuning_s": 3.5,
+                 "kernels": [{}]}
+    holder.other = torch.nn.Module()
+    holder.other.fn = Fn()
+    holder.other.fn.tuning = {"tuned": 0, "reused": 4, "tuning_s": 0.0}
+    assert tuning_totals(Compiled()) == {"tuned": 2, "reused": 5, "fell_back": 0, "gemm_choices_measured": 1,
+                                         "gemm_choices_reused": 0, "tuning_s": 3.5}
     assert kernel_path_counts(object()) is None
+
+
+def test_openvino_retries_with_aot_autograd_and_notes_it(monkeypatch):
+    import types
+
+    seen = []
+
+    def fake_compile(model, backend=None, options=None, **kw):
+        seen.append(dict(options))
+
+        def fn(*x):
+            if not options.get("aot_autograd"):
+                raise AssertionError("sources must not be empty for symbol s7")
+            return model(*x)
+        return fn
+
+    fake = types.ModuleType("openvino")
+    fake.torch = types.ModuleType("openvino.torch")
+    monkeypatch.setitem(sys.modules, "openvino", fake)
+    monkeypatch.setitem(sys.modules, "openvino.torch", fake.torch)
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    model, inputs = _model()
+    row = run_model("lin", model, inputs, [named_contender("eager"), named_contender("openvino")], warmup=0, reps=1)
+    note = row["openvino_note"]
+    assert row["openvino_correct"] and "aot_autograd=True" in note and "symbol s7" in note
+    assert [o.get("aot_autograd") for o in seen] == [None, True]
+    threads = str(torch.get_num_threads())
+    assert seen[0]["config"] == {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": threads}

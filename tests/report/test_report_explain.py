@@ -111,7 +111,7 @@ def test_html_is_self_contained_escaped_and_complete(data):
     for r in data.records:
         assert f"<td>{r.name}</td>" in html
     assert "constants, not measured in this run" in html
-    assert "quantization: not run (issue #7 quantization" in html
+    assert "quantization: not run (add the <code>quantize</code> pass" in html
     assert html.count("<svg") == 4  # before, after, memory, roofline
 
 

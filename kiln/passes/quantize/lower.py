@@ -6,7 +6,10 @@ Contract:
   that builds the replacement from ops PyTorch runs (oneDNN's int8 kernels ``onednn.qconv_pointwise``,
   ``onednn.qconv2d_pointwise.binary``, ``onednn.qlinear_pointwise``, ``aten._int_mm``,
   ``aten._weight_int4pack_mm_for_cpu``, ``aten._weight_int8pack_mm``, PyTorch's quantize kernels, a
-  float path on dequantized weights, or kiln's own reference op). Pre-packed weights become new
+  float path on dequantized weights, kiln's own TVM AVX-512 VNNI kernel ``tvm-vnni`` for ``qlinear`` and
+  ``dynamic_qlinear`` (``kiln/backends/tvm/int8.py``, run by the ``kiln.tvm_vnni_*`` ops registered here;
+  it applies only where TVM is installed and the CPU has VNNI, to int8 symmetric weights with a constant
+  bias), or kiln's own reference op). Pre-packed weights become new
   ``kiln.weight`` tensors (oneDNN's opaque layout; a lowered graph is for running, not for saving).
 - ``lower_graph(graph, example_inputs=None, measure=True) -> LoweringReport`` rewrites every kiln
   quantized op in place. With example inputs, each node's real inputs are captured by one reference run,
@@ -37,7 +40,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kiln.errors import KilnError
+from kiln.errors import KilnError, UnsupportedError, first_line
 from kiln.ir import quant_ops
 from kiln.ir.builder import Builder
 from kiln.ir.clone import clone_graph
@@ -291,6 +294,93 @@ def _fp32_dynamic_linear(b: Builder, a: dict) -> Value:
     return b.call(aten.linear, a["x"], _add_weight(b, _weight_name(a["qw"]) + ".f32", w.contiguous()), a["bias"])
 
 
+# -- kiln's own TVM int8 kernels (AVX-512 VNNI; kiln/backends/tvm/int8.py) --------------------------------
+
+def _tvm_int8():
+    """The TVM int8 kernel module, or the reason it cannot run here (no TVM, no VNNI)."""
+    try:
+        from kiln.backends.tvm import int8
+        int8.vnni_target()
+    except (ImportError, UnsupportedError) as e:
+        return None, first_line(e)
+    return int8, None
+
+
+def tvm_vnni_qlinear(qx, packed, corr, mult, bias, n: int, post_op: str, out_dtype: torch.dtype, out_scale: float,
+                     out_zp: int):
+    from kiln.backends.tvm import int8
+    return int8.static_qlinear(qx, packed, corr, mult, bias, n, post_op, out_dtype, out_scale, out_zp)
+
+
+def tvm_vnni_dynamic_qlinear(x, packed, wsum, w_scales, bias, n: int, qmin: int, qmax: int):
+    from kiln.backends.tvm import int8
+    return int8.dynamic_qlinear(x, packed, wsum, w_scales, bias, n, qmin, qmax)
+
+
+def _infer_vnni(first: str, fn: Callable):
+    def infer(op, args, kwargs, attrs, subgraph):
+        a = quant_ops._bind(fn, op, args, kwargs)
+        x = quant_ops._tensor(op, a, first)
+        shape = (*x.shape[:-1], a["n"])
+        dt = a.get("out_dtype", F32)
+        if dt == F32:
+            return [TensorType(shape, F32)]
+        lo, hi = quant_ops.INT_RANGES[dt]
+        return [TensorType(shape, dt, "contiguous", quant_ops._per_tensor(dt, lo, hi, a["out_scale"], a["out_zp"]))]
+    return infer
+
+
+TVM_VNNI_QLINEAR = register_kiln_op(
+    "tvm_vnni_qlinear", infer=_infer_vnni("qx", tvm_vnni_qlinear), target=tvm_vnni_qlinear,
+    doc="kiln.tvm_vnni_qlinear(qx, packed, corr, mult, bias, n, post_op, out_dtype, out_scale, out_zp): "
+        "kiln.qlinear on kiln's TVM AVX-512 VNNI kernel (weights pre-packed)")
+TVM_VNNI_DYNAMIC_QLINEAR = register_kiln_op(
+    "tvm_vnni_dynamic_qlinear", infer=_infer_vnni("x", tvm_vnni_dynamic_qlinear), target=tvm_vnni_dynamic_qlinear,
+    doc="kiln.tvm_vnni_dynamic_qlinear(x, packed, wsum, w_scales, bias, n, qmin, qmax): kiln.dynamic_qlinear "
+        "on kiln's TVM AVX-512 VNNI kernel")
+
+
+def _vnni_weight_reason(a: dict) -> str | None:
+    _, reason = _tvm_int8()
+    if reason is not None:
+        return reason
+    if _const(a["qw"]).dtype != torch.int8:
+        return "needs an int8 weight"
+    if not isinstance(a["qw"].type.shape[1], int):
+        return "needs a static K"
+    if a["bias"] is not None and (a["bias"].producer is None or a["bias"].producer.op is not WEIGHT):
+        return "needs a constant bias (a kiln.weight)"
+    return _needs_zero_weight_zps(a)
+
+
+def _vnni_packed(b: Builder, a: dict):
+    from kiln.backends.tvm import int8
+    qw = _const(a["qw"])
+    p = int8.PackedLinear.of(qw, _const(a["w_scales"]), _const(a["bias"]) if a["bias"] is not None else None)
+    name = _weight_name(a["qw"]) + ".vnni"
+    bias_v = _add_weight(b, name + ".bias", p.bias) if p.bias is not None else None
+    return p, _add_weight(b, name, p.packed), bias_v
+
+
+def _vnni_linear(b: Builder, a: dict) -> Value:
+    p, packed, bias = _vnni_packed(b, a)
+    corr, mult = p.static_vectors(a["x_scale"], a["x_zp"], a["qx"].type.dtype)
+    name = _weight_name(a["qw"]) + ".vnni"
+    corr_v, mult_v = _add_weight(b, name + ".corr", corr), _add_weight(b, name + ".mult", mult)
+    if a["other"] is None:
+        return b.call(TVM_VNNI_QLINEAR, a["qx"], packed, corr_v, mult_v, bias, p.n, _attr(a), a["out_dtype"],
+                      a["out_scale"], a["out_zp"])
+    y = b.call(TVM_VNNI_QLINEAR, a["qx"], packed, corr_v, mult_v, bias, p.n, "none", F32, 1.0, 0)
+    return _emit_epilogue_float(b, y, a)
+
+
+def _vnni_dynamic_linear(b: Builder, a: dict) -> Value:
+    p, packed, bias = _vnni_packed(b, a)
+    name = _weight_name(a["qw"]) + ".vnni"
+    wsum, scales = _add_weight(b, name + ".wsum", p.wsum), _add_weight(b, name + ".scales", p.w_scales)
+    return b.call(TVM_VNNI_DYNAMIC_QLINEAR, a["x"], packed, wsum, scales, bias, p.n, a["qmin"], a["qmax"])
+
+
 def _int4pack_applies(a: dict) -> str | None:
     qw = _const(a["qw"])
     n, k = qw.shape
@@ -375,9 +465,11 @@ def _ref(op: OpDef) -> Candidate:
 
 LOWERINGS: dict[OpDef, list[Candidate]] = {
     QCONV2D: [Candidate("onednn", _onednn_conv), Candidate("fp32-dequant", _fp32_conv), _ref(QCONV2D)],
-    QLINEAR: [Candidate("onednn", _onednn_linear), Candidate("int_mm", _int_mm_linear, _int_mm_applies),
-              Candidate("fp32-dequant", _fp32_linear), _ref(QLINEAR)],
+    QLINEAR: [Candidate("onednn", _onednn_linear), Candidate("tvm-vnni", _vnni_linear, _vnni_weight_reason),
+              Candidate("int_mm", _int_mm_linear, _int_mm_applies), Candidate("fp32-dequant", _fp32_linear),
+              _ref(QLINEAR)],
     DYNAMIC_QLINEAR: [Candidate("onednn", _onednn_dynamic_linear, _dynamic_applies),
+                      Candidate("tvm-vnni", _vnni_dynamic_linear, _vnni_weight_reason),
                       Candidate("fp32-dequant", _fp32_dynamic_linear), _ref(DYNAMIC_QLINEAR)],
     WQ_LINEAR: [Candidate("int4pack", lambda b, a: _int4pack(b, a, F32), _int4pack_applies),
                 Candidate("int4pack-bf16", lambda b, a: _int4pack(b, a, torch.bfloat16), _int4pack_applies),

@@ -4,6 +4,7 @@ in place only when that is safe, and whole lowered graphs compute what their ref
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from examples.models import resnet
@@ -145,3 +146,75 @@ def test_accumulator_that_is_also_the_input_is_copied():
     assert len(binary) == 1 and binary[0].args[6].producer.is_a(aten.clone)
     with torch.no_grad():
         assert (to_fx(g)(xin)[0] - ref(xin)[0]).abs().max() <= 0.05 + 1e-6
+
+
+# -- kiln's TVM int8 kernel (AVX-512 VNNI) as a measured candidate -----------------------------------------
+
+def _skip_without_vnni():
+    from kiln.passes.quantize.lower import _tvm_int8
+    reason = _tvm_int8()[1]
+    if reason is not None:
+        pytest.skip(f"the TVM int8 kernel cannot run here: {reason}")
+
+
+def test_tvm_vnni_candidate_is_measured_beside_onednn():
+    _skip_without_vnni()
+    for kind in ("static-u8", "static-f32", "dynamic"):
+        g, x = _qlinear_graph(kind)
+        node = g.outputs[0].producer
+        inputs = [to_fx(_prefix(g, node))(x)[0]] if node.op is Q.QLINEAR else [x]
+        cand, row = choose(node, inputs, rounds=2, reps=1)
+        # both kernels are correct on these inputs and both are timed; the faster one is chosen
+        assert isinstance(row["tvm-vnni"], float) and isinstance(row["onednn"], float), (kind, row)
+        assert row[cand.name] == min(v for v in row.values() if isinstance(v, float))
+
+
+def _only(monkeypatch, op, name: str) -> None:
+    monkeypatch.setitem(LOWERINGS, op, [c for c in LOWERINGS[op] if c.name == name])
+
+
+def test_graph_lowered_onto_the_tvm_vnni_kernel_matches_the_reference_exactly(monkeypatch):
+    """int8 activations, ragged K (30) and N (20), a fused uint8 residual, relu and requantization; and a
+    dynamic linear: the lowered graph gives the reference's integers and floats bit for bit."""
+    _skip_without_vnni()
+    _only(monkeypatch, Q.QLINEAR, "tvm-vnni")
+    _only(monkeypatch, Q.DYNAMIC_QLINEAR, "tvm-vnni")
+    _only(monkeypatch, Q.QUANTIZE, "reference")
+    _only(monkeypatch, Q.DEQUANTIZE, "reference")
+    g = Graph("vnni")
+    x = g.add_input(TensorType((6, 30), torch.float32), "x")
+    r = g.add_input(TensorType((6, 20), torch.float32), "r")
+    b = Builder(g)
+    qw = quantize_per_channel(torch.randn(20, 30, generator=_gen(6)) * 0.1)
+    qv, sv, zv = b.weight("q", qw.q), b.weight("s", qw.scales), b.weight("z", qw.zero_points)
+    bias = b.weight("b", torch.randn(20, generator=_gen(7)))
+    qx = b.call(Q.QUANTIZE, x, 0.02, -3, -128, 127, torch.int8)
+    qr = b.call(Q.QUANTIZE, r, 0.05, 100, 0, 255, torch.uint8)
+    y = b.call(Q.QLINEAR, qx, 0.02, -3, qv, sv, zv, bias, 0.04, 7, torch.uint8, "relu", qr, 0.05, 100)
+    qw2 = quantize_per_channel(torch.randn(12, 20, generator=_gen(8)) * 0.1)
+    d = b.call(Q.DYNAMIC_QLINEAR, b.call(Q.DEQUANTIZE, y, 0.04, 7), b.weight("q2", qw2.q),
+               b.weight("s2", qw2.scales), b.weight("z2", qw2.zero_points), None)
+    g.set_outputs([y, d])
+    ref = to_fx(clone_graph(g))
+    xs = (torch.randn(6, 30, generator=_gen(9)), torch.randn(6, 20, generator=_gen(10)))
+    report = lower_graph(g, xs, rounds=1, reps=1)
+    verify(g)
+    chosen = {r["op"]: r for r in report.rows}
+    assert chosen["kiln.qlinear"]["chosen"] == chosen["kiln.dynamic_qlinear"]["chosen"] == "tvm-vnni"
+    assert isinstance(chosen["kiln.qlinear"]["candidates"]["tvm-vnni"], float)
+    names = {n.op.name for n in g.nodes}
+    assert {"kiln.tvm_vnni_qlinear", "kiln.tvm_vnni_dynamic_qlinear"} <= names
+    with torch.no_grad():
+        got, want = to_fx(g)(*xs), ref(*xs)
+    assert len(torch.unique(want[0])) > 10  # the integers are not trivially saturated
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_tvm_vnni_refuses_what_it_does_not_handle():
+    _skip_without_vnni()
+    g, _ = _qlinear_graph("static-u8")
+    node = g.outputs[0].producer
+    zps = g.weights[node.args[5].producer.attrs["name"]]
+    zps[0] = 3  # an asymmetric weight: the kernel handles symmetric ones only
+    _, row = choose(node, None)
+    assert row["tvm-vnni"] == "n/a: weight zero points must be 0"
