@@ -47,12 +47,16 @@ class KilnCacheWarning(UserWarning):
     """A cache entry was ignored (corrupt, foreign version, unreadable)."""
 
 
-def cache_dir() -> Path:
+def kiln_cache_root() -> Path:
+    """``$KILN_CACHE_DIR``, else ``$XDG_CACHE_HOME/kiln`` (default ``~/.cache/kiln``)."""
     env = os.environ.get("KILN_CACHE_DIR")
     if env:
-        return Path(env) / "tvm"
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "kiln" / "tvm"
+        return Path(env)
+    return Path(os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")) / "kiln"
+
+
+def cache_dir() -> Path:
+    return kiln_cache_root() / "tvm"
 
 
 def canonical_text(graph: Graph) -> str:

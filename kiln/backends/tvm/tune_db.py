@@ -38,17 +38,13 @@ import tvm
 
 from kiln.runtime.files import atomic_write_text
 
-from .cache import KilnCacheWarning, _kiln_version
+from .cache import KilnCacheWarning, _kiln_version, kiln_cache_root
 
 FORMAT_VERSION = 1
 
 
 def tuning_dir() -> Path:
-    env = os.environ.get("KILN_CACHE_DIR")
-    if env:
-        return Path(env) / "tvm-tuning"
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "kiln" / "tvm-tuning"
+    return kiln_cache_root() / "tvm-tuning"
 
 
 def record_key(kind: str, workload_text: str, target: Any) -> str:
