@@ -4,7 +4,9 @@ Contract: ``schedule_cpu(func, lanes=16, min_parallel=1 << 18) -> tvm.IRModule``
 ``func`` (a PrimFunc from ``te.create_prim_func``) with the same semantics:
 1. every spatial block that does not write a function output is inlined into its consumers
    (``compute_inline``; a pointwise value read twice is recomputed, never stored), repeatedly, so a
-   fused group of pointwise ops becomes one loop nest per output and per reduction;
+   fused group of pointwise ops becomes one loop nest per output and per reduction — except a value read
+   by several consumers whose inlined expression already stands for more than ``MAX_RECOMPUTE`` blocks,
+   which is stored (recomputing a recurrence such as a selective scan's state costs O(steps^2));
 2. each remaining reduction block is computed at the outermost loops of its consumer that cover its
    spatial axes (``compute_at``), so e.g. softmax's max, sum and normalisation run row by row while the
    row is in cache (a three-pass softmax over one row; see ``docs/`` for why not online);
@@ -25,7 +27,8 @@ import tvm
 import tvm.s_tir as st
 from tvm.s_tir import Schedule, ScheduleError
 
-SCHEDULE_VERSION = "2"  # part of the kernel cache key: bump when the schedule's output changes
+SCHEDULE_VERSION = "3"  # part of the kernel cache key: bump when the schedule's output changes
+MAX_RECOMPUTE = 4  # a value read by several consumers is inlined only while it stands for <= this many blocks
 SPATIAL = 0  # IterVar.iter_type of a data-parallel axis in TIR
 
 
@@ -54,17 +57,28 @@ def _writes_output(sch: Schedule, block, outputs: set[str]) -> bool:
 
 
 def _inline_spatial(sch: Schedule, outputs: set[str]) -> None:
+    # cost[name]: how many original blocks' expressions a block computes once its producers are inlined.
+    # A block read by k > 1 consumers is recomputed k times: past MAX_RECOMPUTE that is not inlined, or a
+    # recurrence (h_t = h_{t-1} * a_t + b_t, read by h_{t+1} and by y_t: Mamba's scan) costs O(T^2).
+    cost: dict[str, int] = {}
     changed = True
     while changed:
         changed = False
         for block in _blocks(sch):
             if _writes_output(sch, block, outputs) or not _is_spatial(sch, block):
                 continue
+            name = sch.get(block).name_hint
+            consumers = [sch.get(c).name_hint for c in sch.get_consumers(block)]
+            own = cost.get(name, 1)
+            if len(consumers) > 1 and own > MAX_RECOMPUTE:
+                continue
             try:
                 sch.compute_inline(block)
-                changed = True
             except ScheduleError:
                 continue
+            for c in consumers:
+                cost[c] = cost.get(c, 1) + own
+            changed = True
 
 
 def _extent(sch: Schedule, loop) -> int | None:
