@@ -63,7 +63,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from examples.models import REGISTRY  # noqa: E402
-from kiln.benchmarking import benchmark_args  # noqa: E402
+from kiln.benchmarking import benchmark_args, select, tune_trials  # noqa: E402
 from kiln.logs import track  # noqa: E402
 from kiln.report.bench import named_contender, print_results, run_model, summarize, write_json  # noqa: E402
 from kiln.report.roofline import measure_machine  # noqa: E402
@@ -94,13 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, help="timed rounds (default 20, 5 with --quick)")
     ap.add_argument("--warmup", type=int, help="untimed rounds (default 3)")
     args = ap.parse_args(argv)
-    names = args.models.split(",") if args.models else (QUICK_MODELS if args.quick else list(REGISTRY))
-    unknown = [n for n in names if n not in REGISTRY]
-    if unknown:
-        ap.error(f"unknown model(s) {unknown}; available: {', '.join(REGISTRY)}")
-    trials = args.tune_trials if args.tune_trials is not None else (2 if args.quick else 32)
-    if trials < 1:
-        ap.error("--tune-trials must be >= 1 (leave out the *-tuned contenders instead)")
+    names = select(ap, args.models, QUICK_MODELS if args.quick else list(REGISTRY), REGISTRY, "model")
+    trials = tune_trials(ap, args.tune_trials, 2 if args.quick else 32)
     default = QUICK_CONTENDERS if args.quick else DEFAULT_CONTENDERS
     wanted = ["eager"] + [n for n in (args.contenders.split(",") if args.contenders else default) if n and n != "eager"]
     contenders = [named_contender(n, pipeline=args.pipeline, tune_trials=trials) for n in dict.fromkeys(wanted)]

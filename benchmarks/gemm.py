@@ -62,7 +62,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from kiln.benchmarking import benchmark_args, markdown_table, write_report  # noqa: E402
+from kiln.benchmarking import benchmark_args, markdown_table, select, tune_trials, write_report  # noqa: E402
 from kiln.logs import track  # noqa: E402
 from kiln.report.bench import Contender, kiln_contender, run_model  # noqa: E402
 from kiln.report.gemm import (  # noqa: E402
@@ -102,14 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, help="timed rounds (default 50, 10 with --quick)")
     args = ap.parse_args(argv)
     by_name = {w.name: w for w in WORKLOADS}
-    names = [s.strip() for s in args.shapes.split(";")] if args.shapes else (
-        QUICK_WORKLOADS if args.quick else list(by_name))
-    unknown = [n for n in names if n not in by_name]
-    if unknown:
-        ap.error(f"unknown shape(s) {unknown}; available: {'; '.join(by_name)}")
-    trials = args.tune_trials if args.tune_trials is not None else (4 if args.quick else 64)
-    if trials < 1:
-        ap.error("--tune-trials must be >= 1 (leave out the *-tuned contenders instead)")
+    names = select(ap, args.shapes, QUICK_WORKLOADS if args.quick else list(by_name), by_name, "shape", ";")
+    trials = tune_trials(ap, args.tune_trials, 4 if args.quick else 64)
     wanted = ["torch"] + [n for n in (args.contenders.split(",") if args.contenders else CONTENDER_NAMES)
                           if n and n != "torch"]
     contenders = [make_contender(n, trials, args.pipeline) for n in dict.fromkeys(wanted)]

@@ -12,6 +12,9 @@ Contract:
 - ``write_report(path, rows, summary, extra=None)`` writes ``{"rows", "summary", "env", ...}`` as JSON,
   atomically (``kiln.runtime.files``); ``summary`` holds the goal metrics the issue names.
 - ``benchmark_args(description)`` -> an argparse parser with the common ``--quick`` and ``--json PATH``.
+- ``select(ap, given, default, available, what, sep=",")`` -> the names in ``given`` (a ``sep``-separated
+  option value, or ``default`` when None), every one of them in ``available`` (else ``ap.error`` lists them);
+  ``tune_trials(ap, given, default)`` -> ``given`` or ``default``, refusing a budget below 1.
 """
 
 from __future__ import annotations
@@ -127,3 +130,20 @@ def benchmark_args(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--quick", action="store_true", help="small sizes and few repetitions (< 2 min)")
     parser.add_argument("--json", metavar="PATH", help="write rows, summary and environment as JSON")
     return parser
+
+
+def select(ap: argparse.ArgumentParser, given: str | None, default: list[str], available: Iterable[str],
+           what: str, sep: str = ",") -> list[str]:
+    names = [n.strip() for n in given.split(sep)] if given else list(default)
+    available = list(available)
+    unknown = [n for n in names if n not in available]
+    if unknown:
+        ap.error(f"unknown {what}(s) {unknown}; available: {(sep + ' ').join(available)}")
+    return names
+
+
+def tune_trials(ap: argparse.ArgumentParser, given: int | None, default: int) -> int:
+    trials = given if given is not None else default
+    if trials < 1:
+        ap.error("--tune-trials must be >= 1 (leave out the *-tuned contenders instead)")
+    return trials

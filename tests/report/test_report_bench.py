@@ -314,3 +314,16 @@ def test_openvino_retries_with_aot_autograd_and_notes_it(monkeypatch):
     assert [o.get("aot_autograd") for o in seen] == [None, True]
     threads = str(torch.get_num_threads())
     assert seen[0]["config"] == {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": threads}
+
+
+def test_select_and_tune_trials_check_benchmark_arguments():
+    from kiln.benchmarking import benchmark_args, select, tune_trials
+
+    ap = benchmark_args("t")
+    assert select(ap, None, ["a"], ["a", "b"], "model") == ["a"]
+    assert select(ap, "b; a", [], ["a", "b"], "shape", ";") == ["b", "a"]
+    with pytest.raises(SystemExit):
+        select(ap, "c", [], ["a", "b"], "model")
+    assert tune_trials(ap, None, 32) == 32 and tune_trials(ap, 4, 32) == 4
+    with pytest.raises(SystemExit):
+        tune_trials(ap, 0, 32)
