@@ -16,7 +16,7 @@ from kiln.ir.outline import outline_region  # noqa: E402
 from kiln.ir.to_fx import to_fx  # noqa: E402
 from kiln.numerics import assert_match  # noqa: E402
 from kiln.passes.base import PassContext  # noqa: E402
-from kiln.passes.manager import PassManager, parse_pipeline  # noqa: E402
+from kiln.passes.manager import PassManager, context_for, parse_pipeline  # noqa: E402
 
 
 def _zoo_graph(name):
@@ -81,3 +81,61 @@ def test_unsupported_op_falls_back_to_eager():
     compiled = compile_graph(graph, "tvm")
     assert compiled.report.fell_back
     assert_match(compiled(x)[0], M()(x))
+
+
+def _exe(compiled):
+    (exe,) = [m.fn for m in compiled.module.modules() if hasattr(m, "fn")]
+    return exe
+
+
+class _GatedCell(torch.nn.Module):
+    """An LSTM-like gate block: the pointwise group reads four column slices of one tensor."""
+
+    def forward(self, x, c):
+        i, f, g, o = x.chunk(4, dim=-1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        return torch.sigmoid(o) * torch.tanh(c)
+
+
+def test_kernel_reads_through_a_split_instead_of_copying_its_slices():
+    x, c = torch.randn(8, 64), torch.randn(8, 16)
+    graph = from_export(_GatedCell(), (x, c))
+    PassManager(parse_pipeline("O2")).run(graph, context_for("tvm"))
+    compiled = _check(graph, (x, c))
+    tvm_kernels = [p for p in _exe(compiled).kernel_paths if p["path"] == "tvm"]
+    assert len(tvm_kernels) == 1 and "aten.split_with_sizes" in tvm_kernels[0]["ops"]
+    assert not [p for p in _exe(compiled).kernel_paths if p["path"] == "torch"]
+
+
+def test_wide_cat_runs_in_pytorch_and_matches():
+    class Stack(torch.nn.Module):
+        def forward(self, x):
+            return torch.stack([torch.tanh(x) * k for k in range(8)], dim=1)
+
+    x = torch.randn(4, 16)
+    graph = from_export(Stack(), (x,))
+    PassManager(parse_pipeline("O1")).run(graph, PassContext())
+    compiled = _check(graph, (x,))
+    assert any(p["path"] == "torch" and p["ops"] == ["aten.cat"] for p in _exe(compiled).kernel_paths)
+
+
+def test_gemm_weights_become_row_major_only_where_every_reader_is_a_gemm():
+    from kiln.backends.tvm.backend import _gemm_weights_row_major
+    from kiln.ir.builder import Builder
+    from kiln.ir.graph import Graph
+    from kiln.ir.types import TensorType
+
+    g = Graph("t")
+    b = Builder(g)
+    x = g.add_input(TensorType((8, 16), torch.float32), "x")
+    w_gemm = b.weight("w_gemm", torch.randn(32, 16).t())  # [16, 32] as a transposed view, like a linear's
+    w_other = b.weight("w_other", torch.randn(32, 16).t())
+    bias = b.weight("bias", torch.randn(32))
+    y = b.call(aten.addmm, bias, x, w_gemm)
+    z = b.call(aten.add.Tensor, b.call(aten.mm, x, w_other), b.call(aten.sum.dim_IntList, w_other, [0]))
+    g.set_outputs([y, z])
+    originals = dict(g.weights)
+    _gemm_weights_row_major(g, {})
+    assert g.weights["w_gemm"].is_contiguous() and torch.equal(g.weights["w_gemm"], originals["w_gemm"])
+    assert g.weights["w_other"] is originals["w_other"]  # also read by sum: left as it is
+    assert not originals["w_gemm"].is_contiguous()  # the tensor itself is not changed

@@ -8,7 +8,7 @@ import torch
 pytest.importorskip("tvm")
 
 from kiln.backends.tvm.kernel import build_kernel  # noqa: E402
-from kiln.backends.tvm.te_ops import GEMM_OPS, LOWERINGS, can_lower  # noqa: E402
+from kiln.backends.tvm.te_ops import CAT_MAX_INPUTS, GEMM_OPS, LOWERINGS, can_lower  # noqa: E402
 from kiln.errors import KilnInputError, UnsupportedError  # noqa: E402
 from kiln.ir.builder import Builder  # noqa: E402
 from kiln.ir.graph import Graph  # noqa: E402
@@ -85,6 +85,9 @@ CASES = [
     ("slice_neg", [(10, 8)], lambda b, x: b.call(aten.neg, b.call(aten.slice.Tensor, x, 1, -3))),
     ("select", [(5, 6, 7)], lambda b, x: b.call(aten.neg, b.call(aten.select.int, x, 1, -2))),
     ("cat", [(2, 3), (2, 5)], lambda b, x, y: b.call(aten.cat, [x, b.call(aten.neg, y)], 1)),
+    ("split_with_sizes", [(4, 10)], lambda b, x: [b.call(aten.neg, p)
+                                                   for p in b.call(aten.split_with_sizes, x, [3, 7], 1)]),
+    ("split_tensor_uneven", [(6, 4)], lambda b, x: [b.call(aten.exp, p) for p in b.call(aten.split.Tensor, x, 4)]),
     ("sum", [(8, 48)], lambda b, x: b.call(aten.sum.dim_IntList, x, [1])),
     ("sum_keepdim_first", [(48, 8)], lambda b, x: b.call(aten.sum.dim_IntList, x, [0], True)),
     ("mean_multi", [(2, 3, 32, 32)], lambda b, x: b.call(aten.mean.dim, x, [-1, -2], True)),
@@ -127,6 +130,12 @@ def test_every_table_entry_is_exercised():
         "aten._unsafe_view", "aten.reshape", "aten.squeeze.dims", "aten.squeeze", "aten.any.dims",
     })
     assert not missing, f"lowerings without a test case: {missing}"
+
+
+def test_wide_cat_is_left_to_pytorch():
+    narrow = _graph([(2, 3)] * CAT_MAX_INPUTS, lambda b, *xs: b.call(aten.cat, list(xs), 1))
+    wide = _graph([(2, 3)] * (CAT_MAX_INPUTS + 1), lambda b, *xs: b.call(aten.cat, list(xs), 1))
+    assert can_lower(narrow.nodes[0]) and not can_lower(wide.nodes[0])
 
 
 def test_refuses_what_it_cannot_lower_exactly():
