@@ -7,8 +7,9 @@ Contract:
   (or ``KILN_CACHE_DIR=off``) disables the disk.
 - ``workload_key(graph, target, schedule_id)``: sha256 over the graph's *canonical* text (values and
   weights renamed in order, graph name dropped: kernels of two models with the same shapes and ops share
-  an entry), the target, TVM's version and the schedule's identity (``SCHEDULE_VERSION`` of kiln's
-  default schedule; bump it when ``schedule_cpu`` changes).
+  an entry), the target, TVM's version, ``te_ops.LOWERING_VERSION`` (bump it when a lowering changes
+  the code it generates) and the schedule's identity (``SCHEDULE_VERSION`` of kiln's default schedule;
+  bump it when ``schedule_cpu`` changes).
 - ``KernelCache(root, prebuilt=DIR)`` also reads entries from ``DIR`` (read-only, looked up first): an
   artifact's ``kernels/`` directory. ``entry_files(key)`` gives a verified entry's two files as bytes.
 - ``get(key) -> tvm function | None``, ``put(key, module, meta)``: an entry is ``KEY.so`` (TVM's
@@ -39,6 +40,8 @@ from kiln.ir.graph import Graph
 from kiln.ir.ops import WEIGHT
 from kiln.ir.printer import print_graph
 from kiln.runtime.files import atomic_write_text
+
+from .te_ops import LOWERING_VERSION
 
 FORMAT_VERSION = 1
 
@@ -83,7 +86,7 @@ def _kiln_version() -> str:
 
 
 def workload_key(graph: Graph, target: Any, schedule_id: str) -> str:
-    text = "\n".join([canonical_text(graph), str(target), tvm.__version__, schedule_id])
+    text = "\n".join([canonical_text(graph), str(target), tvm.__version__, LOWERING_VERSION, schedule_id])
     return hashlib.sha256(text.encode()).hexdigest()
 
 

@@ -33,11 +33,17 @@ try:  # the TVM backend is an optional extra: importing this module without TVM 
 except ImportError as e:  # pragma: no cover - exercised only without the extra
     raise ImportError("kiln's TVM backend needs apache-tvm: pip install 'kiln[tvm]'") from e
 
+from . import fast_math  # noqa: E402  (imports tvm itself)
+
 TVM_DTYPES: dict[torch.dtype, str] = {
     torch.float32: "float32", torch.float64: "float64", torch.float16: "float16", torch.bfloat16: "bfloat16",
     torch.int8: "int8", torch.uint8: "uint8", torch.int16: "int16", torch.int32: "int32", torch.int64: "int64",
     torch.bool: "bool",
 }
+
+# Part of the kernel cache key (cache.workload_key): bump it when a lowering changes the code it generates.
+# 2: float32 log/log1p through fast_math's polynomials.
+LOWERING_VERSION = "2"
 
 Lowering = Callable[[Node, tuple, dict], object]
 LOWERINGS: dict[str, Lowering] = {}
@@ -119,12 +125,14 @@ def _unary(topi_fn, float_only: bool = True):
 
 
 def _fast(fast_fn, exact_fn):
-    """float32 uses TVM's vectorisable polynomial (``fast_exp``/``fast_erf``/``fast_tanh``, within float32
-    tolerance); other dtypes the exact intrinsic, which LLVM lowers to scalar libm calls."""
+    """float32 uses a vectorisable polynomial (TVM's ``fast_exp``/``fast_erf``/``fast_tanh``, kiln's
+    ``fast_math.fast_log``, within float32 tolerance); other dtypes the exact intrinsic, which LLVM lowers
+    to scalar libm calls."""
     return lambda x: fast_fn(x) if dtype_of(x) == "float32" else exact_fn(x)
 
 
 _exp = _fast(topi.fast_exp, topi.exp)
+_log = _fast(fast_math.fast_log, topi.log)
 _erf = _fast(topi.fast_erf, topi.erf)
 _tanh = _fast(topi.fast_tanh, topi.tanh)
 
@@ -136,7 +144,7 @@ def _sigmoid(x):
 
 
 for _name, _fn in (("relu", topi.nn.relu), ("sigmoid", _sigmoid), ("tanh", _tanh), ("exp", _exp),
-                   ("log", topi.log), ("rsqrt", topi.rsqrt), ("sqrt", topi.sqrt), ("neg", topi.negative),
+                   ("log", _log), ("rsqrt", topi.rsqrt), ("sqrt", topi.sqrt), ("neg", topi.negative),
                    ("abs", topi.abs), ("erf", _erf), ("sin", topi.sin), ("cos", topi.cos),
                    ("floor", topi.floor), ("ceil", topi.ceil), ("reciprocal", lambda x: topi.divide(
                        _const(1, dtype_of(x)), x))):
@@ -146,6 +154,8 @@ for _name, _fn in (("relu", topi.nn.relu), ("sigmoid", _sigmoid), ("tanh", _tanh
 @lowering("aten.log1p")
 def _log1p(node, args, kwargs):
     x = _operand(args[0], result_dtype(node))
+    if dtype_of(x) == "float32":
+        return fast_math.fast_log1p(x)
     return te.compute(x.shape, lambda *i: tvm.tirx.log1p(x(*i)), name="log1p")
 
 
