@@ -19,13 +19,14 @@ from kiln.ir.graph import Graph, Node, Value
 from kiln.passes.base import Pass, PassContext, PassResult, register_pass
 
 
-def _key(x: Any) -> Any:
+def structure_key(x: Any) -> Any:
+    """A hashable key for an argument structure: Values by identity, literals by value and type."""
     if isinstance(x, Value):
         return ("%", id(x))
     if isinstance(x, (list, tuple)):
-        return ("[", tuple(_key(o) for o in x))
+        return ("[", tuple(structure_key(o) for o in x))
     if isinstance(x, dict):
-        return ("{", tuple(sorted((k, _key(v)) for k, v in x.items())))
+        return ("{", tuple(sorted((k, structure_key(v)) for k, v in x.items())))
     if isinstance(x, float):
         # 1 and 1.0 differ in type promotion; 0.0 and -0.0 compare equal but are not (1 / -0.0 = -inf)
         return ("f", "nan" if math.isnan(x) else (x, math.copysign(1.0, x)))
@@ -37,7 +38,7 @@ def _key(x: Any) -> Any:
 def node_key(node: Node) -> Any | None:
     if node.subgraph is not None or node.op.side_effects or node.op.nondeterministic:
         return None
-    return (node.op.name, _key(node.args), _key(node.kwargs), _key(node.attrs))
+    return (node.op.name, structure_key(node.args), structure_key(node.kwargs), structure_key(node.attrs))
 
 
 def eliminate_common_subexpressions(graph: Graph) -> int:

@@ -53,6 +53,25 @@ def test_folds_permute_of_a_weight():
     verify(g)
 
 
+def test_the_same_computation_on_a_weight_is_folded_once():
+    # an unrolled RNN transposes its recurrent weight at every step: one folded copy, read by every step
+    torch.manual_seed(0)
+    g = Graph("cf")
+    h = g.add_input(TensorType((2, 4), F32), "h")
+    b = Builder(g)
+    w = b.weight("hh.weight", torch.randn(4, 4))
+    for _ in range(3):
+        h = b.call(aten.tanh, b.call(aten.mm, h, b.call(aten.permute, w, [1, 0])))
+    other = b.call(aten.mm, h, b.call(aten.permute, w, [0, 1]))  # another computation: its own weight
+    g.set_outputs([other])
+    assert run_fold(g, (torch.randn(2, 4),)) == 4
+    get_pass("dce").run(g, PassContext())
+    assert sorted(g.weights) == ["hh.weight.permute.0", "hh.weight.permute.1"]
+    reads = [n.attrs["name"] for n in g.nodes if n.op is WEIGHT]
+    assert reads.count("hh.weight.permute.0") == 3
+    verify(g)
+
+
 def test_folds_chains_of_weight_only_nodes_in_one_sweep():
     g = Graph("chain")
     x = g.add_input(TensorType((3,), F32), "x")

@@ -285,12 +285,12 @@ class TVMBackend(Backend):
 _GEMM_B_OPERAND = {"aten.mm": 1, "aten.addmm": 2}
 
 
-def _gemm_weights_row_major(graph: Graph, copies: dict[int, Any]) -> None:
+def _gemm_weights_row_major(graph: Graph, copies: dict[tuple, Any]) -> None:
     """Give every weight that is only ever a GEMM's K x N operand a row-major (contiguous) tensor, in this
     graph and its subgraphs (the compile's own clone: the caller's graph keeps its tensors). A linear layer
     reaches mm/addmm as a transposed view of its [N, K] weight; MKL reads it column by column then. Measured
     on the zoo's LSTM (8-row GEMMs against a 4 MB weight, 2 threads): the eager model runs in 114 ms with
-    row-major weights against 148 ms with the transposed views. ``copies`` shares one copy per tensor."""
+    row-major weights against 148 ms with the transposed views. ``copies`` shares one copy per viewed data."""
     for node in graph.nodes:
         if node.subgraph is not None:
             _gemm_weights_row_major(node.subgraph, copies)
@@ -304,9 +304,12 @@ def _gemm_weights_row_major(graph: Graph, copies: dict[int, Any]) -> None:
         if uses and all(u.op.name in _GEMM_B_OPERAND and len(u.args) > _GEMM_B_OPERAND[u.op.name]
                         and u.args[_GEMM_B_OPERAND[u.op.name]] is node.output
                         and sum(a is node.output for a in u.args) == 1 for u in uses):
-            if id(tensor) not in copies:
-                copies[id(tensor)] = (tensor, tensor.contiguous())  # keep the original alive: ids stay unique
-            graph.weights[node.attrs["name"]] = copies[id(tensor)][1]
+            # views of one storage (each fused group holds its own view of a shared weight) share one copy
+            key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape),
+                   tensor.stride(), tensor.dtype)
+            if key not in copies:
+                copies[key] = (tensor, tensor.contiguous())  # keep the original alive: the key stays unique
+            graph.weights[node.attrs["name"]] = copies[key][1]
 
 
 def _lower_lone_gemm(graph: Graph, node: Node, low: _Lowering, paths: list[dict], executables: dict) -> None:
