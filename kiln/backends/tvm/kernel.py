@@ -8,8 +8,10 @@ Contract:
   ``tvm.compile`` for ``target`` (default: ``cpu_target()``, LLVM for this host with its core count).
 - ``TVMKernel(*inputs)`` allocates the outputs with torch, hands every tensor to TVM through DLPack
   (zero-copy; non-contiguous or less than 64-byte aligned inputs are copied first) and returns the
-  outputs as a tuple, in the graph's output order. Inputs must have the shapes and dtypes the graph was
-  built for (``KilnInputError`` otherwise).
+  outputs as a tuple, in the graph's output order. Values typed ``layout="channels_last"`` (4-d) are NHWC
+  buffers in the compiled function: such inputs and weights are passed as their NHWC permutation (no copy
+  when they are channels-last), such outputs are allocated channels-last and written in NHWC order.
+  Inputs must have the shapes and dtypes the graph was built for (``KilnInputError`` otherwise).
 - ``kernel.with_weights(graph)`` shares the compiled function with another graph of the same structure
   (weights are parameters, bound at call time).
 - ``kernel.source`` is the scheduled TIR (TVMScript), for reports and debugging (None when the compiled
@@ -58,9 +60,36 @@ def aligned(t: torch.Tensor) -> torch.Tensor:
     return t if t.data_ptr() % ALIGNMENT == 0 else t.clone()
 
 
-def _placeholder(v: Value, name: str) -> te.Tensor:
+NHWC = (0, 2, 3, 1)  # the memory order of a channels-last NCHW tensor, as a permutation of its dims
+
+
+def is_channels_last(t: TensorType) -> bool:
+    return t.layout == "channels_last" and len(t.shape) == 4
+
+
+def physical(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """``x`` as the compiled function takes it: its elements in the memory order the kernel was built for
+    (NHWC for a channels-last value), contiguous and aligned (a copy only when ``x`` is not already so)."""
+    x = x.permute(*NHWC) if channels_last else x
+    return x if x.is_contiguous() and x.data_ptr() % ALIGNMENT == 0 else aligned(x)
+
+
+def _placeholder(v: Value, name: str) -> tuple[te.Tensor, te.Tensor]:
+    """(the function parameter, the logical NCHW-indexed tensor the ops read): a channels-last value is
+    an NHWC buffer read through an index permutation that the schedule inlines away."""
     t = v.type
-    return te.placeholder([int(d) for d in t.shape], TVM_DTYPES[t.dtype], name=name)
+    shape = [int(d) for d in t.shape]
+    if not is_channels_last(t):
+        p = te.placeholder(shape, TVM_DTYPES[t.dtype], name=name)
+        return p, p
+    n, c, h, w = shape
+    p = te.placeholder([n, h, w, c], TVM_DTYPES[t.dtype], name=name)
+    return p, te.compute(shape, lambda i, j, k, m: p[i, k, m, j], name=f"{name}_nchw")
+
+
+def _to_nhwc(t: te.Tensor) -> te.Tensor:
+    n, c, h, w = t.shape
+    return te.compute([n, h, w, c], lambda i, k, m, j: t[i, j, k, m], name="out_nhwc")
 
 
 def schedule_id(schedule: Callable) -> str:
@@ -79,14 +108,14 @@ def lower_graph(graph: Graph) -> tuple[list[te.Tensor], list[te.Tensor], list[to
     env: dict[Value, object] = {}
     params: list[te.Tensor] = []
     for i, v in enumerate(graph.inputs):
-        env[v] = _placeholder(v, f"in{i}")
-        params.append(env[v])
+        param, env[v] = _placeholder(v, f"in{i}")
+        params.append(param)
     weights: list[torch.Tensor] = []
     for node in graph.nodes:
         if node.op is WEIGHT:
-            env[node.output] = _placeholder(node.output, f"w{len(weights)}")
-            params.append(env[node.output])
-            weights.append(aligned(graph.weights[node.attrs["name"]]))
+            param, env[node.output] = _placeholder(node.output, f"w{len(weights)}")
+            params.append(param)
+            weights.append(physical(graph.weights[node.attrs["name"]], is_channels_last(node.output.type)))
             continue
         if not can_lower(node):
             raise UnsupportedError(f"TVM cannot lower %{node.results[0].name if node.results else '?'} = "
@@ -97,7 +126,9 @@ def lower_graph(graph: Graph) -> tuple[list[te.Tensor], list[te.Tensor], list[to
     outs, seen = [], set()
     for v in graph.outputs:
         t = env[v]
-        if t in params or id(t) in seen:  # a parameter or a repeated output needs its own buffer
+        if is_channels_last(v.type):  # written in NHWC order (its loop nest then runs in memory order)
+            t = _to_nhwc(t)
+        elif t in params or id(t) in seen:  # a parameter or a repeated output needs its own buffer
             t = te.compute(t.shape, lambda *i, t=t: t(*i), name="out_copy")
         seen.add(id(t))
         outs.append(t)
@@ -116,6 +147,8 @@ class TVMKernel:
         params, outs, self.weights = lower_graph(graph)
         self.output_types: list[TensorType] = [v.type for v in graph.outputs]
         self._input_specs, self._output_specs = _specs(self.input_types), _specs(self.output_types)
+        self._inputs_cl = [is_channels_last(t) for t in self.input_types]
+        self._outputs_cl = [is_channels_last(t) for t in self.output_types]
         key = workload_key(graph, target, schedule_id(schedule)) if cache is not None else None
         self.key = key  # the kernel cache entry (None without a cache): what an artifact ships
         self.cached = False
@@ -134,7 +167,8 @@ class TVMKernel:
     def with_weights(self, graph: Graph) -> TVMKernel:
         """This compiled kernel bound to ``graph``'s weight tensors (a graph of the same structure)."""
         bound = copy.copy(self)
-        bound.weights = [aligned(graph.weights[n.attrs["name"]]) for n in graph.nodes if n.op is WEIGHT]
+        bound.weights = [physical(graph.weights[n.attrs["name"]], is_channels_last(n.output.type))
+                         for n in graph.nodes if n.op is WEIGHT]
         if [tuple(w.shape) for w in bound.weights] != [tuple(w.shape) for w in self.weights]:
             raise KilnInputError(f"@{graph.name}: its weights do not match the kernel's parameters")
         return bound
@@ -148,9 +182,10 @@ class TVMKernel:
             if x.shape != shape or x.dtype != dtype:
                 raise KilnInputError(f"kernel input {i}: expected {self.input_types[i]}, got {x.dtype} "
                                      f"{tuple(x.shape)}")
-        outs = [torch.empty(shape, dtype=dtype) for shape, dtype in self._output_specs]
-        self.function(*[x if x.is_contiguous() and x.data_ptr() % ALIGNMENT == 0 else aligned(x) for x in inputs],
-                      *self.weights, *outs)
+        outs = [torch.empty(shape, dtype=dtype, memory_format=torch.channels_last if cl else torch.contiguous_format)
+                for (shape, dtype), cl in zip(self._output_specs, self._outputs_cl)]
+        self.function(*[physical(x, cl) for x, cl in zip(inputs, self._inputs_cl)], *self.weights,
+                      *[o.permute(*NHWC) if cl else o for o, cl in zip(outs, self._outputs_cl)])
         return tuple(outs)
 
 

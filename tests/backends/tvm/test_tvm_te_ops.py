@@ -150,3 +150,20 @@ def test_kernel_checks_input_shapes():
     kernel = build_kernel(_graph([(4, 8)], lambda b, x: b.call(aten.relu, x)))
     with pytest.raises(KilnInputError, match="expected"):
         kernel(torch.randn(4, 9))
+
+
+def test_channels_last_values_are_nhwc_buffers():
+    cl = TensorType((2, 3, 4, 5), F32, "channels_last")
+    g = Graph("t")
+    b = Builder(g)
+    x = g.add_input(cl, "x")
+    y = g.add_input(TensorType((2, 3, 4, 5), F32), "y")  # a contiguous operand beside it
+    out = b.call(aten.relu, b.call(aten.add.Tensor, x, y))
+    out.type = cl  # what the layout pass records for a result PyTorch would give channels-last
+    g.set_outputs([out])
+    kernel = build_kernel(g)
+    xs = _inputs([(2, 3, 4, 5)] * 2, None)
+    for x_in in (xs[0].to(memory_format=torch.channels_last), xs[0]):  # the second is copied to NHWC
+        (got,) = kernel(x_in, xs[1])
+        assert got.is_contiguous(memory_format=torch.channels_last)
+        assert_match(got, torch.relu(xs[0] + xs[1]))
