@@ -257,7 +257,8 @@ def _compiling(c: Contender) -> AbstractContextManager:
     return c.compile_context() if c.compile_context is not None else contextlib.nullcontext()
 
 
-GEMM_OPS = frozenset({"aten.mm", "aten.addmm", "aten.bmm", "aten.baddbmm", "aten.convolution"})
+GEMM_OPS = frozenset({"aten.mm", "aten.addmm", "aten.bmm", "aten.baddbmm", "aten.convolution",
+                      "mkl._mkl_linear"})  # the last: the tvm target's linear layers on MKL-packed weights
 
 
 def kernel_paths(compiled: Any) -> list[dict[str, Any]] | None:

@@ -53,6 +53,7 @@ from kiln.passes.analysis import VIEW_OPS
 
 from .cache import KernelCache, canonical_text
 from .kernel import TVMKernel, cpu_target, schedule_id
+from .packed_gemm import pack_linear_weights
 from .schedule import schedule_cpu
 from .te_ops import GEMM_OPS, can_lower
 from .tune import KernelTuner, gemm_mode, tuning_enabled
@@ -255,6 +256,8 @@ class TVMBackend(Backend):
         g = clone_graph(graph)
         _gemm_weights_row_major(g, {})
         _sink_views(g)
+        if low.tuner is None or low.gemm == "torch":  # tuning may put GEMMs in TIR: they stay addmm/mm there
+            pack_linear_weights(g, {})
         paths: list[dict] = []
         submodules: dict[Node, Any] = {}
         with low.tuner if low.tuner is not None else nullcontext():

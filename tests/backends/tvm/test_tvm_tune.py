@@ -16,6 +16,7 @@ from kiln.backends.tvm import backend as tvm_backend  # noqa: E402
 from kiln.backends.tvm import tune as tune_mod  # noqa: E402
 from kiln.backends.tvm.cache import KernelCache, KilnCacheWarning  # noqa: E402
 from kiln.backends.tvm.kernel import build_kernel, cpu_target  # noqa: E402
+from kiln.backends.tvm.packed_gemm import MKL_LINEAR  # noqa: E402
 from kiln.backends.tvm.te_ops import GEMM_OPS, can_lower  # noqa: E402
 from kiln.backends.tvm.tune import (  # noqa: E402
     KernelTuner,
@@ -272,7 +273,7 @@ def test_more_trials_than_recorded_retunes(tuned_once, tmp_path, monkeypatch):
 def test_gemm_option_forces_the_path(tuned_once, tmp_path, gemm, path):
     _copy(tuned_once, tmp_path)
     compiled, exe = _compile(_epilogue_model(), tmp_path, gemm=gemm)
-    (entry,) = [p for p in exe.kernel_paths if set(p["ops"]) & GEMM_OPS]
+    (entry,) = [p for p in exe.kernel_paths if set(p["ops"]) & (GEMM_OPS | {MKL_LINEAR})]
     assert entry["path"] == path and "choice" not in entry
     assert exe.tuning["tuned"] == 0  # both variants' kernels were tuned (and recorded) by the auto compile
     _check(compiled, _epilogue_model())
@@ -280,7 +281,7 @@ def test_gemm_option_forces_the_path(tuned_once, tmp_path, gemm, path):
 
 def test_untuned_compile_keeps_gemm_in_pytorch(tmp_path):
     compiled, exe = _compile(_epilogue_model(), tmp_path, tune_trials=0)
-    (entry,) = [p for p in exe.kernel_paths if set(p["ops"]) & GEMM_OPS]
+    (entry,) = [p for p in exe.kernel_paths if set(p["ops"]) & (GEMM_OPS | {MKL_LINEAR})]
     assert entry["path"] == "torch" and exe.tuning is None
     assert not (tmp_path / "tuning").exists()
 
