@@ -11,7 +11,9 @@ Models:
   anchor's quantizer rejects one ReLU module used twice). Random weights, so "accuracy" is agreement
   with fp32: top-1 agreement and relative L2 error of the logits on 16 random images.
 - ``gpt-int4``: the zoo's GPT architecture at byte level trained briefly on the standard library's
-  sources; kiln int4 weight-only (group 32, AWQ) vs fp32: next-token top-1 agreement on held-out text.
+  sources; kiln int4 weight-only (group 32, AWQ + clipping + GPTQ rounding; ``-rtn``: round-to-nearest;
+  ``-int8x4``: the 4 most int4-sensitive linear layers in per-channel int8) vs fp32: next-token top-1
+  agreement on held-out text, and weight bytes of the quantized layers vs float32 (``size_vs_fp32``).
 Extra digits rows: kiln int8 calibrated data-free (ZeroQ), int8-dynamic, mixed precision under a
 30% size budget. Calibration: 4 batches (digits: training images; resnet: N(0, 1) images) for both
 kiln and the anchor. Latency: 2 threads, contenders interleaved in rounds, median of all samples and
@@ -40,6 +42,8 @@ from kiln.ir.clone import clone_graph  # noqa: E402
 from kiln.ir.to_fx import to_fx  # noqa: E402
 from kiln.passes.quantize import quantize_graph  # noqa: E402
 from kiln.passes.quantize.lower import lower_graph  # noqa: E402
+
+INT8_KEPT = 4  # gpt-int4-int8x4: the 4 most int4-sensitive linear layers (measured) kept in int8
 
 # -- models ---------------------------------------------------------------------------------------------
 
@@ -214,9 +218,10 @@ def gpt_rows(quick: bool, rounds: int, reps: int) -> list[dict]:
     rows = []
     with torch.no_grad():
         fp = [model(t) for t in tests]
-    for name, awq in (("int4-awq", True), ("int4-rtn", False)):
+    for name, options in (("int4-awq", {}), ("int4-rtn", {"awq": False, "gptq": False}),
+                          (f"int4-int8x{INT8_KEPT}", {"keep_int8": INT8_KEPT})):
         g = clone_graph(graph)
-        res = quantize_graph(g, "int4-weight", calib, group_size=32, awq=awq)
+        res = quantize_graph(g, "int4-weight", calib, group_size=32, **options)
         ref = to_fx(clone_graph(g))
         report = lower_graph(g, example)
         gm = to_fx(g)
@@ -229,6 +234,8 @@ def gpt_rows(quick: bool, rounds: int, reps: int) -> list[dict]:
         rows.append({"model": f"gpt-{name}", "batch": example[0].shape[0], "fp32_ms": t["fp32"].median * 1e3,
                      "kiln_ms": t["kiln"].median * 1e3, "top1_agreement": agree, "top1_agreement_reference": agree_ref,
                      "positions": sum(t.numel() for t in tests), "awq_alpha": res.stats.get("awq_alpha"),
+                     "int8_layers": res.stats["int8_layers"],
+                     "size_vs_fp32": res.stats["weight_bytes"] / res.stats["float32_weight_bytes"],
                      "kernels": kernel_summary(report), "train_steps": steps, "train_s": train_s})
     return rows
 
@@ -251,9 +258,10 @@ def main(argv: list[str] | None = None) -> int:
     print(markdown_table(int8_rows, cols))
     print()
     print(markdown_table(gpt, ["model", "batch", "fp32_ms", "kiln_ms", "top1_agreement",
-                               "top1_agreement_reference", "positions", "kernels"]))
+                               "top1_agreement_reference", "size_vs_fp32", "positions", "kernels"]))
     print()
     awq = next(r for r in gpt if r["model"] == "gpt-int4-awq")
+    mixed4 = next(r for r in gpt if r["model"] == f"gpt-int4-int8x{INT8_KEPT}")
     summary = {
         "int8_speedup_vs_fp32_eager_geomean": geomean(r["fp32_ms"] / r["kiln_int8_ms"] for r in int8_rows),
         "int8_latency_vs_anchor_geomean": geomean(r["kiln_int8_ms"] / r["anchor_ms"] for r in int8_rows),
@@ -265,6 +273,9 @@ def main(argv: list[str] | None = None) -> int:
         "mixed_accuracy_drop_pts": 100 * (digits_extra["fp32_acc"] - digits_extra["mixed_acc"]),
         "mixed_within_budget": digits_extra["mixed_cost_bytes"] <= digits_extra["mixed_budget_bytes"],
         "int4_rtn_top1_agreement": next(r for r in gpt if r["model"] == "gpt-int4-rtn")["top1_agreement"],
+        "int4_size_vs_fp32": awq["size_vs_fp32"],
+        "int4_int8head_top1_agreement": mixed4["top1_agreement"],
+        "int4_int8head_size_vs_fp32": mixed4["size_vs_fp32"],
         "all_correct": all(r.get("kiln_rel_err", 0) < 0.1 for r in int8_rows)
         and abs(digits_extra["fp32_acc"] - digits_extra["kiln_int8_acc"]) < 0.05,
     }

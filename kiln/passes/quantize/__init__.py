@@ -11,8 +11,10 @@ scheme             what it does
                    calibration (``observer``: minmax, moving_average, percentile, mse, entropy);
                    conv/linear fuse ReLU and residual adds (``ptq``)
 ``int8-dynamic``   linear layers quantize their activations at run time (``ptq``)
-``int4-weight``    linear layers get per-group (``group_size``) uint4 weights, AWQ scale search when
-                   calibration data is given (``int4``)
+``int4-weight``    linear layers get per-group (``group_size``) uint4 weights; with calibration data, AWQ
+                   scale + clipping search (``awq``) and GPTQ rounding (``gptq``); ``keep_int8``: a number
+                   of the most int4-sensitive layers (measured), or layer names, kept in per-channel int8
+                   (default 0: all int4) (``int4``)
 ``bf16``/``fp16``  conv/linear run in that float type (``cast``)
 ``mixed``          per-layer precision among ``precisions`` chosen under ``budget`` (bytes, or a fraction of
                    the float32 cost) on the Pareto frontier of cost (``cost``: size or measured latency) vs
@@ -32,6 +34,7 @@ with calibration inputs from ``ctx.options["calib_inputs"]`` or else ``ctx.examp
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,15 +58,20 @@ class QuantizeResult:
     lowering: LoweringReport | None = None
 
 
-def _needs_calibration(scheme: str, awq: bool) -> bool:
-    return scheme in ("int8", "mixed") or (scheme == "int4-weight" and awq)
+def _needs_calibration(scheme: str, awq: bool, keep_int8=0) -> bool:
+    return scheme in ("int8", "mixed") or (scheme == "int4-weight" and (awq or _is_count(keep_int8)))
+
+
+def _is_count(keep_int8) -> bool:
+    return isinstance(keep_int8, int) and not isinstance(keep_int8, bool) and keep_int8 > 0
 
 
 def quantize_graph(graph: Graph, scheme: str = "int8", calib_inputs: Any = None, *, observer: str = "minmax",
                    weight_observer: str = "minmax", group_size: int = 32, awq: bool = True,
                    budget: float | None = None, cost: str = "size", precisions: tuple = ("int8", "int4"),
                    metric: str = "kl", zeroq_steps: int = 200, lower: bool = False,
-                   example_inputs: tuple | None = None) -> QuantizeResult:
+                   example_inputs: tuple | None = None, gptq: bool = True,
+                   keep_int8: int | Collection[str] = 0) -> QuantizeResult:
     from kiln.passes.quantize import cast, int4, ptq, zeroq
 
     if scheme not in SCHEMES:
@@ -78,7 +86,7 @@ def quantize_graph(graph: Graph, scheme: str = "int8", calib_inputs: Any = None,
     elif calib_inputs is not None:
         batches = as_batches(calib_inputs)
         result.stats["calibration"] = f"{len(batches)} batch(es)"
-    elif _needs_calibration(scheme, awq):
+    elif _needs_calibration(scheme, awq, keep_int8):
         raise KilnInputError(f"scheme {scheme!r} needs calibration inputs (a tuple of tensors, a list of them, "
                              "or 'zeroq')")
     result.stats["batchnorms_folded"] = fold_batchnorm(graph)
@@ -88,7 +96,11 @@ def quantize_graph(graph: Graph, scheme: str = "int8", calib_inputs: Any = None,
     elif scheme == "int8-dynamic":
         result.stats.update(ptq.quantize_dynamic(graph, ptq.PTQConfig(weight_observer=weight_observer)))
     elif scheme == "int4-weight":
-        result.stats.update(int4.quantize_weight_only(graph, batches, int4.WeightOnlyConfig(group_size, awq=awq)))
+        int8_layers, sensitivity = int4.choose_int8_layers(graph, batches, keep_int8, group_size)
+        config = int4.WeightOnlyConfig(group_size, awq=awq, gptq=gptq, int8_layers=int8_layers)
+        result.stats.update(int4.quantize_weight_only(graph, batches, config))
+        if sensitivity:
+            result.stats["int4_sensitivity"] = sensitivity
     elif scheme in ("bf16", "fp16"):
         result.stats.update(cast.cast_layers(graph, torch.bfloat16 if scheme == "bf16" else torch.float16))
     else:
@@ -137,12 +149,14 @@ class QuantizePass(Pass):
     budget: float | None = None
     calibration: str = "inputs"  # "inputs" | "zeroq"
     lower: bool = False
+    gptq: bool = True
+    keep_int8: int = 0
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         calib = "zeroq" if self.calibration == "zeroq" else ctx.options.get("calib_inputs", ctx.example_inputs)
         res = quantize_graph(graph, self.scheme, calib, observer=self.observer, group_size=self.group_size,
                              awq=self.awq, budget=self.budget, lower=self.lower,
-                             example_inputs=ctx.example_inputs)
+                             example_inputs=ctx.example_inputs, gptq=self.gptq, keep_int8=self.keep_int8)
         stats = dict(res.stats)
         if res.lowering is not None:
             stats["kernels"] = res.lowering.paths()
