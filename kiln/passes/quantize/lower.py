@@ -15,15 +15,17 @@ Contract:
   quantized op in place. With example inputs, each node's real inputs are captured by one reference run,
   every applicable candidate is run on them, checked against the reference op (integer outputs within
   one quantization step, float outputs within ``1e-3`` of the output's largest magnitude; a candidate
-  that fails is reported and never chosen) and timed (interleaved rounds; the fastest round counts, as
-  the one other load on the machine disturbed least); the fastest correct one wins. Without inputs (or
-  ``measure=False``) the first applicable candidate is taken.
+  that fails is reported and never chosen) and timed (``rounds * reps`` single calls, candidates interleaved
+  call by call; the fastest call counts, as the one other load on the machine disturbed least); the fastest
+  correct one wins. Without inputs (or ``measure=False``) the first applicable candidate is taken.
 - A fused residual (``other``) is accumulated in place by oneDNN's ``sum`` post-op when the residual
   tensor is a fresh channels-last tensor (a oneDNN convolution's result, or an integer max pool of one)
   that is dead after the op (no later reader, no view of it, not a graph output); otherwise it is
   copied to channels-last first.
 - A quantize read only by oneDNN convolutions is timed together with them, once producing contiguous
-  and once channels-last integers (``kiln.torch_quantize_channels_last``); the faster pair wins.
+  and once channels-last integers (``kiln.torch_quantize_channels_last``: for at most 4 channels, e.g. an
+  image, it quantizes in place and scatters each channel plane into a channels-last buffer, the same
+  integers without the slow float layout copy); the faster pair wins.
 - Integer max pools whose indices are unused run on ``quantized.max_pool2d`` (aten's rejects channels-last
   uint8 tensors); ``view`` becomes ``reshape`` (kernels hand on channels-last tensors).
 - ``report.rows``: one per lowered node (``node``, ``op``, ``shape``, ``chosen``, ``us`` per candidate
@@ -84,8 +86,22 @@ def torch_quantize(x, scale: float, zero_point: int, qmin: int, qmax: int, dtype
     return _integer_view(torch.quantize_per_tensor(x, scale, zero_point, _QTYPES[dtype]))
 
 
+# up to this many channels, quantizing in place and scattering each channel plane into a channels-last buffer
+# beats copying the float tensor to channels-last first (a copy whose innermost dimension is tiny is slow:
+# measured 3x224x224: ~100 us for the float copy vs ~20 us quantize + ~55 us for the three plane copies)
+_PLANE_COPY_MAX_CHANNELS = 4
+
+
 def torch_quantize_channels_last(x, scale: float, zero_point: int, qmin: int, qmax: int, dtype: torch.dtype):
-    """The same on a channels-last copy of ``x`` (the layout oneDNN's int8 convolutions run on)."""
+    """The same integers in channels-last layout (the layout oneDNN's int8 convolutions run on)."""
+    if x.dim() == 4 and x.shape[1] <= _PLANE_COPY_MAX_CHANNELS and not x.is_contiguous(
+            memory_format=torch.channels_last):
+        q = torch_quantize(x, scale, zero_point, qmin, qmax, dtype)
+        out = torch.empty(q.shape, dtype=q.dtype, memory_format=torch.channels_last)
+        nhwc = out.permute(0, 2, 3, 1)
+        for c in range(q.shape[1]):
+            nhwc[..., c].copy_(q[:, c])
+        return out
     return torch_quantize(x.contiguous(memory_format=torch.channels_last), scale, zero_point, qmin, qmax, dtype)
 
 
@@ -538,17 +554,19 @@ def _mismatch(out: torch.Tensor, ref: torch.Tensor) -> str | None:
 
 
 def _time(fns: dict[str, Callable], inputs: list, rounds: int, reps: int) -> dict[str, float]:
+    """The fastest single call of each function over ``rounds * reps`` calls, candidates interleaved call by
+    call. On a machine shared with other work a call is either undisturbed or much slower (a preempted
+    OpenMP thread stalls the whole barrier), so the minimum of many single calls is the stable statistic;
+    averaging calls within a round lets one preemption spoil the whole round."""
     samples: dict[str, list[float]] = {k: [] for k in fns}
     with torch.no_grad():
         for fn in fns.values():
             fn(*inputs)  # warm-up (oneDNN primitive creation)
-        for _ in range(rounds):
+        for _ in range(rounds * reps):
             for name, fn in fns.items():
                 t0 = time.perf_counter()
-                for _ in range(reps):
-                    fn(*inputs)
-                samples[name].append((time.perf_counter() - t0) / reps)
-    # the least disturbed round: machines shared with other work make medians of microseconds noisy
+                fn(*inputs)
+                samples[name].append(time.perf_counter() - t0)
     return {k: min(v) for k, v in samples.items()}
 
 
@@ -694,7 +712,10 @@ def _choose_quantize_layout(graph: Graph, q: Node, inputs: list, row: dict, roun
         arg = _mapper(g, graph, {id(q.output): qv})
         g.set_outputs([g.create_node(u.op, map_values(u.args, arg), dict(u.kwargs)).output for u in users])
         fns[op.name] = to_fx(g)
-    times = _time(fns, inputs, rounds, reps)
+    # one decision per graph input, worth tens of microseconds on every call (the convolution reorders a
+    # contiguous input itself): three times the samples of a single kernel choice, as calls this long are
+    # rarely undisturbed on a shared machine
+    times = _time(fns, inputs, 3 * rounds, reps)
     row["with_convolutions_us"] = {k.removeprefix("kiln."): round(t * 1e6, 1) for k, t in times.items()}
     best = get_op(min(times, key=times.get))
     if best is not q.op:

@@ -218,3 +218,30 @@ def test_tvm_vnni_refuses_what_it_does_not_handle():
     zps[0] = 3  # an asymmetric weight: the kernel handles symmetric ones only
     _, row = choose(node, None)
     assert row["tvm-vnni"] == "n/a: weight zero points must be 0"
+
+
+# -- quantizing into channels-last, timing ------------------------------------------------------------------
+
+@pytest.mark.parametrize("channels", [1, 3, 4, 8])
+@pytest.mark.parametrize("already_channels_last", [False, True])
+def test_channels_last_quantize_gives_the_reference_integers(channels, already_channels_last):
+    from kiln.passes.quantize.lower import torch_quantize, torch_quantize_channels_last
+    x = torch.randn(2, channels, 9, 7, generator=_gen(6)) * 4
+    if already_channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    for dtype, scale, zp, (lo, hi) in ((torch.uint8, 0.03, 131, (0, 255)), (torch.int8, 0.05, 0, (-128, 127))):
+        q = torch_quantize_channels_last(x, scale, zp, lo, hi, dtype)
+        assert q.dtype == dtype and q.is_contiguous(memory_format=torch.channels_last)
+        # the same kernel's integers in the other layout, and within one step of kiln's reference quantize
+        assert torch.equal(q, torch_quantize(x.contiguous(), scale, zp, lo, hi, dtype))
+        assert int((q.to(torch.int32) - Q.quantize(x, scale, zp, lo, hi, dtype).to(torch.int32)).abs().max()) <= 1
+
+
+def test_timing_interleaves_single_calls_and_keeps_each_candidates_fastest():
+    from kiln.passes.quantize.lower import _time
+    order = []
+    fns = {"a": lambda t: order.append("a"), "b": lambda t: order.append("b")}
+    times = _time(fns, [torch.zeros(1)], rounds=3, reps=2)
+    assert set(times) == {"a", "b"} and all(t >= 0 for t in times.values())
+    # one warm-up each, then 3 * 2 single calls per candidate, alternating call by call
+    assert order == ["a", "b"] + ["a", "b"] * 6
