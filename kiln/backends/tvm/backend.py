@@ -13,6 +13,13 @@ Contract:
   epilogue), and each lowerable node outside groups becomes its own kernel — except views and
   metadata ops, which PyTorch runs as free aliases. The executable's ``kernel_paths`` records, per
   kernel, whether TVM or PyTorch ran it.
+- Before lowering, on the backend's own clone: weights read only as a GEMM's K x N operand become
+  row-major; views of ``ABSORBED_VIEWS`` (split, permute, transpose, expand) read only by fused groups
+  move into them, and inside a group such views become part of the kernel that reads them (a kernel
+  reads through them: no copy of a strided slice per call); linear layers (``addmm``/``mm`` on a float32
+  weight) run ``mkl._mkl_linear`` on weights packed once (``packed_gemm.py``; with tuning and ``gemm``
+  auto/tvm only PyTorch's variant of a GEMM is packed). ``preferred_layout`` is channels-last: conv nets
+  reach this backend NHWC, and kernels take channels-last values as NHWC buffers (``kernel.py``).
 - Kernels are compiled once per process per (canonical IR text, target, schedule) (``_KERNEL_CACHE``) and
   once per machine through the persistent ``KernelCache`` (``options["cache_dir"]``: a directory, or
   False to stay off disk; default ``kiln.backends.tvm.cache.cache_dir()``). Weight tensors are
@@ -81,6 +88,7 @@ class _Lowering:
     tuner: KernelTuner | None = None
     gemm: str = "auto"
     kernel_keys: set = field(default_factory=set)  # kernel cache entries this compile used
+    packs: dict = field(default_factory=dict)  # MKL-packed linear weights, shared by this compile's graphs
 
 
 # Namespaces of the integer kernels kiln's quantized ops are lowered to (kiln.passes.quantize.lower):
@@ -218,6 +226,8 @@ def _lower_group(group: Node, low: _Lowering, paths: list[dict]) -> Any:
 
     def build(path: str):
         inner = clone_graph(group.subgraph)
+        if path == "torch":  # PyTorch's GEMM as it runs untuned: linear layers on MKL-packed weights
+            pack_linear_weights(inner, low.packs)
         variants[path] = []
         return to_fx(inner, submodules=_lower_regions(inner, low, variants[path], gemm_in_tir=path == "tvm"))
 
@@ -256,8 +266,8 @@ class TVMBackend(Backend):
         g = clone_graph(graph)
         _gemm_weights_row_major(g, {})
         _sink_views(g)
-        if low.tuner is None or low.gemm == "torch":  # tuning may put GEMMs in TIR: they stay addmm/mm there
-            pack_linear_weights(g, {})
+        if low.tuner is None or low.gemm == "torch":  # with gemm auto/tvm, only PyTorch's variants are packed
+            pack_linear_weights(g, low.packs)
         paths: list[dict] = []
         submodules: dict[Node, Any] = {}
         with low.tuner if low.tuner is not None else nullcontext():
@@ -326,7 +336,11 @@ def _lower_lone_gemm(graph: Graph, node: Node, low: _Lowering, paths: list[dict]
     sub = part.subgraph
 
     def build(path: str):
-        return _kernel(sub, low)[0] if path == "tvm" else to_fx(clone_graph(sub))
+        if path == "tvm":
+            return _kernel(sub, low)[0]
+        torch_graph = clone_graph(sub)
+        pack_linear_weights(torch_graph, low.packs)
+        return to_fx(torch_graph)
 
     if low.gemm == "tvm":
         kernel, info = _kernel(sub, low)
