@@ -258,7 +258,7 @@ def _compiling(c: Contender) -> AbstractContextManager:
 
 
 GEMM_OPS = frozenset({"aten.mm", "aten.addmm", "aten.bmm", "aten.baddbmm", "aten.convolution",
-                      "mkl._mkl_linear"})  # the last: the tvm target's linear layers on MKL-packed weights
+                      "mkl._mkl_linear", "mkldnn._convolution_pointwise"})  # the tvm target's packed-weight kernels
 
 
 def kernel_paths(compiled: Any) -> list[dict[str, Any]] | None:

@@ -17,9 +17,11 @@ Contract:
   row-major; views of ``ABSORBED_VIEWS`` (split, permute, transpose, expand) read only by fused groups
   move into them, and inside a group such views become part of the kernel that reads them (a kernel
   reads through them: no copy of a strided slice per call); linear layers (``addmm``/``mm`` on a float32
-  weight) run ``mkl._mkl_linear`` on weights packed once (``packed_gemm.py``; with tuning and ``gemm``
-  auto/tvm only PyTorch's variant of a GEMM is packed). ``preferred_layout`` is channels-last: conv nets
-  reach this backend NHWC, and kernels take channels-last values as NHWC buffers (``kernel.py``).
+  weight) run ``mkl._mkl_linear`` on weights packed once (``packed_gemm.py``) and channels-last
+  convolutions ``mkldnn._convolution_pointwise`` on oneDNN-packed weights with a following activation
+  fused (``packed_conv.py``); with tuning and ``gemm`` auto/tvm only PyTorch's variant of a GEMM is
+  packed. ``preferred_layout`` is channels-last: conv nets reach this backend NHWC, and kernels take
+  channels-last values as NHWC buffers (``kernel.py``).
 - Kernels are compiled once per process per (canonical IR text, target, schedule) (``_KERNEL_CACHE``) and
   once per machine through the persistent ``KernelCache`` (``options["cache_dir"]``: a directory, or
   False to stay off disk; default ``kiln.backends.tvm.cache.cache_dir()``). Weight tensors are
@@ -60,6 +62,7 @@ from kiln.passes.analysis import VIEW_OPS
 
 from .cache import KernelCache, canonical_text
 from .kernel import TVMKernel, cpu_target, schedule_id
+from .packed_conv import pack_convolutions
 from .packed_gemm import pack_linear_weights
 from .schedule import schedule_cpu
 from .te_ops import GEMM_OPS, can_lower
@@ -226,8 +229,8 @@ def _lower_group(group: Node, low: _Lowering, paths: list[dict]) -> Any:
 
     def build(path: str):
         inner = clone_graph(group.subgraph)
-        if path == "torch":  # PyTorch's GEMM as it runs untuned: linear layers on MKL-packed weights
-            pack_linear_weights(inner, low.packs)
+        if path == "torch":  # PyTorch's GEMM as it runs untuned: on packed weights
+            _pack_for_pytorch(inner, low)
         variants[path] = []
         return to_fx(inner, submodules=_lower_regions(inner, low, variants[path], gemm_in_tir=path == "tvm"))
 
@@ -267,7 +270,7 @@ class TVMBackend(Backend):
         _gemm_weights_row_major(g, {})
         _sink_views(g)
         if low.tuner is None or low.gemm == "torch":  # with gemm auto/tvm, only PyTorch's variants are packed
-            pack_linear_weights(g, low.packs)
+            _pack_for_pytorch(g, low)
         paths: list[dict] = []
         submodules: dict[Node, Any] = {}
         with low.tuner if low.tuner is not None else nullcontext():
@@ -296,6 +299,13 @@ class TVMBackend(Backend):
         if low.tuner is not None:
             low.tuner.print_summary()
         return run
+
+
+def _pack_for_pytorch(graph: Graph, low: _Lowering) -> None:
+    """The GEMMs and convolutions PyTorch runs, on weights packed once: MKL for linear layers
+    (``packed_gemm``), oneDNN for channels-last convolutions with their activation fused (``packed_conv``)."""
+    pack_linear_weights(graph, low.packs)
+    pack_convolutions(graph, low.packs)
 
 
 # The operand of mm/addmm that is K x N (the "B" matrix), by op.
@@ -339,7 +349,7 @@ def _lower_lone_gemm(graph: Graph, node: Node, low: _Lowering, paths: list[dict]
         if path == "tvm":
             return _kernel(sub, low)[0]
         torch_graph = clone_graph(sub)
-        pack_linear_weights(torch_graph, low.packs)
+        _pack_for_pytorch(torch_graph, low)
         return to_fx(torch_graph)
 
     if low.gemm == "tvm":
