@@ -63,7 +63,7 @@ from kiln.passes.analysis import VIEW_OPS
 from .cache import KernelCache, canonical_text
 from .kernel import TVMKernel, cpu_target, schedule_id
 from .packed_conv import pack_convolutions
-from .packed_gemm import pack_linear_weights
+from .packed_gemm import pack_linear_weights, view_key
 from .schedule import schedule_cpu
 from .te_ops import GEMM_OPS, can_lower
 from .tune import KernelTuner, gemm_mode, tuning_enabled
@@ -331,9 +331,7 @@ def _gemm_weights_row_major(graph: Graph, copies: dict[tuple, Any]) -> None:
         if uses and all(u.op.name in _GEMM_B_OPERAND and len(u.args) > _GEMM_B_OPERAND[u.op.name]
                         and u.args[_GEMM_B_OPERAND[u.op.name]] is node.output
                         and sum(a is node.output for a in u.args) == 1 for u in uses):
-            # views of one storage (each fused group holds its own view of a shared weight) share one copy
-            key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape),
-                   tensor.stride(), tensor.dtype)
+            key = view_key(tensor)  # the views of one weight that each fused group holds share one copy
             if key not in copies:
                 copies[key] = (tensor, tensor.contiguous())  # keep the original alive: the key stays unique
             graph.weights[node.attrs["name"]] = copies[key][1]

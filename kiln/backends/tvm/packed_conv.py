@@ -26,9 +26,11 @@ from typing import Any
 
 import torch
 
-from kiln.ir.graph import Graph, Node, Value
-from kiln.ir.ops import WEIGHT, get_op
+from kiln.ir.graph import Graph, Node
+from kiln.ir.ops import get_op
 from kiln.ir.types import TensorType
+
+from .packed_gemm import add_weight, view_key, weight_tensor
 
 CONV_POINTWISE = "mkldnn._convolution_pointwise"
 
@@ -57,12 +59,6 @@ POST_OPS = {
 }
 
 
-def _weight(v: Any) -> torch.Tensor | None:
-    if isinstance(v, Value) and v.producer is not None and v.producer.op is WEIGHT:
-        return v.graph.weights[v.producer.attrs["name"]]
-    return None
-
-
 def _static(t: Any) -> bool:
     return isinstance(t, TensorType) and all(isinstance(d, int) or getattr(d, "is_Integer", False)
                                              for d in t.shape)
@@ -72,9 +68,9 @@ def _conv_operands(node: Node) -> tuple | None:
     if node.op.name != "aten.convolution" or node.kwargs or len(node.args) != 9:
         return None
     x, w, b, stride, padding, dilation, transposed, output_padding, groups = node.args
-    weight = _weight(w)
+    weight = weight_tensor(w)
     if (transposed or any(output_padding) or weight is None or weight.dim() != 4 or weight.dtype != torch.float32
-            or (b is not None and _weight(b) is None)):
+            or (b is not None and weight_tensor(b) is None)):
         return None
     xt, out = getattr(x, "type", None), node.output.type
     if not (_static(xt) and len(xt.shape) == 4 and xt.dtype == torch.float32 and xt.layout == "channels_last"
@@ -104,20 +100,15 @@ def pack_convolutions(graph: Graph, packs: dict) -> int:
             post = POST_OPS[users[0].op.name](users[0])
         replaced = users[0] if post is not None else node
         attr, scalars = post if post is not None else ("none", [])
-        tensor = _weight(w)
+        tensor = weight_tensor(w)
         in_shape = [int(d) for d in x.type.shape]
-        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.stride(),
-               tuple(padding), tuple(stride), tuple(dilation), groups, tuple(in_shape))
+        key = (view_key(tensor), tuple(padding), tuple(stride), tuple(dilation), groups, tuple(in_shape))
         if key not in packs:
             packs[key] = torch._C._nn.mkldnn_reorder_conv2d_weight(tensor.contiguous().to_mkldnn(), padding, stride,
                                                                    dilation, groups, in_shape)
-        name = f"{w.producer.attrs['name']}.onednn"
-        graph.weights[name] = packs[key]
-        index = graph.index_of(node)
-        packed = graph.create_node(WEIGHT, (), {}, [TensorType(tuple(tensor.shape), torch.float32)], names=[name],
-                                   attrs={"name": name}, index=index)
+        packed, _ = add_weight(graph, f"{w.producer.attrs['name']}.onednn", packs[key], graph.index_of(node))
         new = graph.create_node(get_op(CONV_POINTWISE),
-                                (x, packed.output, b, padding, stride, dilation, groups, attr, scalars, None), {},
+                                (x, packed, b, padding, stride, dilation, groups, attr, scalars, None), {},
                                 [replaced.output.type], names=[replaced.output.name + "_onednn"],
                                 index=graph.index_of(replaced) + 1)
         graph.replace_all_uses(replaced.output, new.output)

@@ -32,10 +32,17 @@ from kiln.ir.types import TensorType
 MKL_LINEAR = "mkl._mkl_linear"
 
 
-def _weight(v: Any) -> torch.Tensor | None:
+def weight_tensor(v: Any) -> torch.Tensor | None:
+    """The tensor of ``v`` when it is a ``kiln.weight``'s result, else None."""
     if isinstance(v, Value) and v.producer is not None and v.producer.op is WEIGHT:
         return v.graph.weights[v.producer.attrs["name"]]
     return None
+
+
+def view_key(t: torch.Tensor) -> tuple:
+    """The same data seen the same way: equal for every view of one storage with one offset, shape and
+    strides (each fused group holds its own view object of a shared weight)."""
+    return t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype
 
 
 def _static_f32(v: Any, rank: int) -> bool:
@@ -52,11 +59,11 @@ def _operands(node: Node) -> tuple[Value, Value, Value | None] | None:
         (x, w), bias = node.args, None
     elif node.op.name == "aten.addmm" and len(node.args) == 3:
         bias, x, w = node.args
-        if _weight(bias) is None or not _static_f32(bias, 1):
+        if weight_tensor(bias) is None or not _static_f32(bias, 1):
             return None
     else:
         return None
-    if _weight(w) is None or not _static_f32(w, 2) or not _static_f32(x, 2):
+    if weight_tensor(w) is None or not _static_f32(w, 2) or not _static_f32(x, 2):
         return None
     n = int(w.type.shape[1])
     if bias is not None and int(bias.type.shape[0]) != n:
@@ -64,7 +71,8 @@ def _operands(node: Node) -> tuple[Value, Value, Value | None] | None:
     return x, w, bias
 
 
-def _add_weight(graph: Graph, name: str, tensor: torch.Tensor, index: int) -> tuple[Value, int]:
+def add_weight(graph: Graph, name: str, tensor: torch.Tensor, index: int) -> tuple[Value, int]:
+    """A new ``kiln.weight`` ``name`` holding ``tensor`` at ``index``: (its value, the next index)."""
     graph.weights[name] = tensor
     node = graph.create_node(WEIGHT, (), {}, [TensorType(tuple(tensor.shape), tensor.dtype)], names=[name],
                              attrs={"name": name}, index=index)
@@ -83,17 +91,16 @@ def pack_linear_weights(graph: Graph, packs: dict[tuple, tuple[torch.Tensor, tor
         if operands is None:
             continue
         x, w, bias = operands
-        tensor, rows = _weight(w), int(x.type.shape[0])
+        tensor, rows = weight_tensor(w), int(x.type.shape[0])
         name = w.producer.attrs["name"]
-        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.stride(),
-               rows)
+        key = (view_key(tensor), rows)
         if key not in packs:
             w_nk = tensor.t().contiguous()
             packs[key] = (w_nk, torch.ops.mkl._mkl_reorder_linear_weight(w_nk, rows))
         w_nk, packed = packs[key]
         index = graph.index_of(node)
-        nk_value, index = _add_weight(graph, f"{name}.mkl_nk", w_nk, index)
-        packed_value, index = _add_weight(graph, f"{name}.mkl_packed_{rows}", packed, index)
+        nk_value, index = add_weight(graph, f"{name}.mkl_nk", w_nk, index)
+        packed_value, index = add_weight(graph, f"{name}.mkl_packed_{rows}", packed, index)
         new = graph.create_node(get_op(MKL_LINEAR), (x, packed_value, nk_value, bias, rows), {},
                                 [node.output.type], names=[node.output.name + "_mkl"], index=index)
         graph.replace_all_uses(node.output, new.output)
