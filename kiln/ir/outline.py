@@ -15,6 +15,11 @@ Contract:
   result of the new node (in region order). The new node takes the place of the region's last node;
   ``topo_sort`` is run when needed. Weights only the region read are erased at the top level.
   A non-convex region raises ``KilnError`` naming the outside node on the cycle.
+- ``inline_region(graph, node)`` is the inverse: ``node``'s subgraph is copied into ``graph`` in its place
+  (its inputs bound to the node's arguments, its weights to weight nodes of ``graph``, sharing the
+  tensors), every use of the node's results is redirected to the copies, ``node`` is erased, and the new
+  nodes are returned in order. A subgraph weight whose name ``graph`` holds for another tensor gets a
+  fresh name.
 """
 
 from __future__ import annotations
@@ -97,6 +102,8 @@ def outline_region(graph: Graph, nodes: Iterable[Node], op: OpDef, attrs: dict, 
                               {k: map_values(a, env.__getitem__) for k, a in node.kwargs.items()},
                               [r.type for r in node.results], names=[r.name for r in node.results],
                               attrs=node.attrs, subgraph=node.subgraph)
+        if node.op is WEIGHT:  # a weight node inside the region: its tensor goes with it
+            sub.weights[node.attrs["name"]] = graph.weights[node.attrs["name"]]
         env.update(zip(node.results, new.results))
     graph_outs = {id(o) for o in graph.outputs}
     escaping = [r for node in region for r in node.results
@@ -118,3 +125,32 @@ def outline_region(graph: Graph, nodes: Iterable[Node], op: OpDef, attrs: dict, 
     if any(graph.index_of(u) < pos for r in outer.results for u in r.uses):
         topo_sort(graph)
     return outer
+
+
+def inline_region(graph: Graph, node: Node) -> list[Node]:
+    sub = node.subgraph
+    if sub is None:
+        raise KilnError(f"cannot inline %{node.results[0].name if node.results else node.op.name}: "
+                        f"{node.op.name} holds no subgraph")
+    index = graph.index_of(node)
+    env: dict[Value, Value] = dict(zip(sub.inputs, node.args))
+    new_nodes: list[Node] = []
+    for inner in sub.nodes:
+        if inner.op is WEIGHT:
+            name, tensor = inner.attrs["name"], sub.weights[inner.attrs["name"]]
+            while name in graph.weights and graph.weights[name] is not tensor:
+                name = graph.fresh_name(name)
+            graph.weights[name] = tensor
+            attrs = {**inner.attrs, "name": name}
+        else:
+            attrs = dict(inner.attrs)
+        copy = graph.create_node(inner.op, map_values(inner.args, lambda v: env.get(v, v)),
+                                 {k: map_values(a, lambda v: env.get(v, v)) for k, a in inner.kwargs.items()},
+                                 [r.type for r in inner.results], names=[r.name for r in inner.results],
+                                 attrs=attrs, subgraph=inner.subgraph, index=index + len(new_nodes))
+        env.update(zip(inner.results, copy.results))
+        new_nodes.append(copy)
+    for old, inner_out in zip(node.results, sub.outputs):
+        graph.replace_all_uses(old, env.get(inner_out, inner_out))
+    graph.erase(node)
+    return new_nodes

@@ -16,12 +16,14 @@ Contract:
 - Before lowering, on the backend's own clone: weights read only as a GEMM's K x N operand become
   row-major; views of ``ABSORBED_VIEWS`` (split, permute, transpose, expand) read only by fused groups
   move into them, and inside a group such views become part of the kernel that reads them (a kernel
-  reads through them: no copy of a strided slice per call); linear layers (``addmm``/``mm`` on a float32
-  weight) run ``mkl._mkl_linear`` on weights packed once (``packed_gemm.py``) and channels-last
-  convolutions ``mkldnn._convolution_pointwise`` on oneDNN-packed weights with a following activation
-  fused (``packed_conv.py``); with tuning and ``gemm`` auto/tvm only PyTorch's variant of a GEMM is
-  packed. ``preferred_layout`` is channels-last: conv nets reach this backend NHWC, and kernels take
-  channels-last values as NHWC buffers (``kernel.py``).
+  reads through them: no copy of a strided slice per call); when PyTorch runs the GEMMs (untuned, or
+  ``gemm="torch"``), an ``epilogue`` group whose results only one pointwise/reduction group reads is
+  merged into it, so one kernel computes both (an LSTM step: one kernel, not two); linear layers
+  (``addmm``/``mm`` on a float32 weight) run ``mkl._mkl_linear`` on weights packed once
+  (``packed_gemm.py``) and channels-last convolutions ``mkldnn._convolution_pointwise`` on oneDNN-packed
+  weights with a following activation fused (``packed_conv.py``); with tuning and ``gemm`` auto/tvm
+  only PyTorch's variant of a GEMM is packed. ``preferred_layout`` is channels-last: conv nets reach
+  this backend NHWC, and kernels take channels-last values as NHWC buffers (``kernel.py``).
 - Kernels are compiled once per process per (canonical IR text, target, schedule) (``_KERNEL_CACHE``) and
   once per machine through the persistent ``KernelCache`` (``options["cache_dir"]``: a directory, or
   False to stay off disk; default ``kiln.backends.tvm.cache.cache_dir()``). Weight tensors are
@@ -56,7 +58,7 @@ from kiln.backends.partition import partition
 from kiln.ir.clone import clone_graph
 from kiln.ir.graph import Graph, Node, map_values
 from kiln.ir.ops import FUSED, PARTITION, WEIGHT
-from kiln.ir.outline import outline_region, topo_sort
+from kiln.ir.outline import inline_region, is_convex, outline_region, topo_sort
 from kiln.ir.to_fx import to_fx
 from kiln.passes.analysis import VIEW_OPS
 
@@ -178,6 +180,33 @@ def _sink_into(view: Node, group: Node) -> None:
     group.set_args(tuple(args[i] for i in keep))
 
 
+# Group kinds an extern GEMM's epilogue may join (their kernels then read the GEMM's result directly).
+_EPILOGUE_JOINS = ("pointwise", "reduction")
+
+
+def _merge_extern_epilogues(graph: Graph) -> int:
+    """Merge each ``epilogue`` group into the one pointwise/reduction group that reads all its results, when
+    PyTorch runs the GEMM/conv (untuned, or ``gemm="torch"``). Fusion keeps them apart because a generated
+    GEMM writes its epilogue over the GEMM's loop (an LSTM's gates: 4H wide, while the cell update that
+    reads them is H wide); with an extern GEMM the epilogue is a kernel of its own, so merged, one kernel
+    computes both and the 4H-wide result is never written. Returns how many groups merged."""
+    merged = 0
+    for group in [n for n in graph.nodes if n.op is FUSED and n.attrs.get("kind") == "epilogue"]:
+        users = {u for r in group.results for u in r.uses}
+        if len(users) != 1 or any(o is r for r in group.results for o in graph.outputs):
+            continue
+        (consumer,) = users
+        if consumer.op is not FUSED or consumer.attrs.get("kind") not in _EPILOGUE_JOINS:
+            continue
+        if not is_convex(graph, [group, consumer]):
+            continue
+        attrs, name = dict(consumer.attrs), consumer.subgraph.name
+        nodes = inline_region(graph, group) + inline_region(graph, consumer)
+        outline_region(graph, nodes, FUSED, attrs, name)
+        merged += 1
+    return merged
+
+
 def _kernel(graph: Graph, low: _Lowering) -> tuple[TVMKernel, dict]:
     if low.tuner is not None:
         kernel, info = low.tuner.kernel(graph)
@@ -270,6 +299,7 @@ class TVMBackend(Backend):
         _gemm_weights_row_major(g, {})
         _sink_views(g)
         if low.tuner is None or low.gemm == "torch":  # with gemm auto/tvm, only PyTorch's variants are packed
+            _merge_extern_epilogues(g)
             _pack_for_pytorch(g, low)
         paths: list[dict] = []
         submodules: dict[Node, Any] = {}

@@ -139,3 +139,48 @@ def test_gemm_weights_become_row_major_only_where_every_reader_is_a_gemm():
     assert g.weights["w_gemm"].is_contiguous() and torch.equal(g.weights["w_gemm"], originals["w_gemm"])
     assert g.weights["w_other"] is originals["w_other"]  # also read by sum: left as it is
     assert not originals["w_gemm"].is_contiguous()  # the tensor itself is not changed
+
+
+class _LSTMStep(torch.nn.Module):
+    """One LSTM step: the gates are a GEMM plus the input projection (an epilogue group, 4H wide), read as
+    four column slices by the cell update (a pointwise group, H wide)."""
+
+    def __init__(self, hidden=16):
+        super().__init__()
+        self.hh = torch.nn.Linear(hidden, 4 * hidden)
+
+    def forward(self, gates_x, h, c):
+        i, f, g, o = (gates_x + self.hh(h)).chunk(4, dim=-1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        return torch.sigmoid(o) * torch.tanh(c), c
+
+
+def test_extern_gemm_epilogue_joins_the_group_that_reads_it():
+    inputs = (torch.randn(4, 64), torch.randn(4, 16), torch.randn(4, 16))
+    graph = from_export(_LSTMStep().eval(), inputs)
+    PassManager(parse_pipeline("O2")).run(graph, context_for("tvm"))
+    groups = [n.attrs["kind"] for n in graph.nodes if n.op is FUSED]
+    assert sorted(groups) == ["epilogue", "pointwise"]  # fusion keeps them apart: 4H against H elements
+    compiled = _check(graph, inputs)
+    kernels = _exe(compiled).kernel_paths
+    tvm_kernels = [p for p in kernels if p["path"] == "tvm"]
+    # one kernel: the gate add, the slices and the cell update; the 4H-wide gates are never written
+    assert len(tvm_kernels) == 1 and {"aten.add.Tensor", "aten.sigmoid"} <= set(tvm_kernels[0]["ops"])
+    assert [p["ops"] for p in kernels if p["path"] == "torch"] == [["mkl._mkl_linear"]]
+
+
+def test_epilogue_read_outside_its_consumer_group_is_not_merged():
+    from kiln.backends.tvm.backend import _merge_extern_epilogues
+
+    class TwoReaders(_LSTMStep):
+        def forward(self, gates_x, h, c):
+            gates = gates_x + self.hh(h)
+            i, f, g, o = gates.chunk(4, dim=-1)
+            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+            return torch.sigmoid(o) * torch.tanh(c), gates
+
+    inputs = (torch.randn(4, 64), torch.randn(4, 16), torch.randn(4, 16))
+    graph = from_export(TwoReaders().eval(), inputs)
+    PassManager(parse_pipeline("O2")).run(graph, context_for("tvm"))
+    assert _merge_extern_epilogues(graph) == 0  # the gates are a graph output
+    _check(graph, inputs)
