@@ -31,7 +31,9 @@ from functools import cache
 
 import torch
 import tvm  # noqa: E402  (te_ops raised a clear ImportError already if TVM is missing)
-from tvm import te  # noqa: E402
+import tvm_ffi  # noqa: E402
+from tvm import te, tirx  # noqa: E402
+from tvm.tirx import Buffer  # noqa: E402
 
 from kiln.errors import KilnInputError, UnsupportedError
 from kiln.ir.graph import Graph, Value, map_values
@@ -67,10 +69,20 @@ def is_channels_last(t: TensorType) -> bool:
     return t.layout == "channels_last" and len(t.shape) == 4
 
 
-def physical(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
+def row_strided(t: TensorType) -> bool:
+    """A value the compiled function takes with any strides but a contiguous last dim: a strided view
+    (``layout="strided"``, e.g. one time step ``x[:, t]`` of a sequence) is then passed as it is, where a
+    compact parameter would need a copy per call."""
+    return t.layout == "strided" and len(t.shape) >= 2
+
+
+def physical(x: torch.Tensor, channels_last: bool, strided: bool = False) -> torch.Tensor:
     """``x`` as the compiled function takes it: its elements in the memory order the kernel was built for
-    (NHWC for a channels-last value), contiguous and aligned (a copy only when ``x`` is not already so)."""
+    (NHWC for a channels-last value), contiguous (for a ``row_strided`` parameter: its last dim contiguous)
+    and aligned; a copy only when ``x`` is not already so."""
     x = x.permute(*NHWC) if channels_last else x
+    if strided and x.stride(-1) == 1 and x.data_ptr() % ALIGNMENT == 0:
+        return x
     return x if x.is_contiguous() and x.data_ptr() % ALIGNMENT == 0 else aligned(x)
 
 
@@ -138,7 +150,26 @@ def lower_graph(graph: Graph) -> tuple[list[te.Tensor], list[te.Tensor], list[to
 def graph_prim_func(graph: Graph):
     """The unscheduled PrimFunc of ``graph`` (what schedules and MetaSchedule start from)."""
     params, outs, _ = lower_graph(graph)
-    return te.create_prim_func([*params, *outs])
+    return _prim_func(graph, params, outs)
+
+
+def _prim_func(graph: Graph, params: list[te.Tensor], outs: list[te.Tensor]):
+    """The PrimFunc over ``params`` then ``outs``; the buffers of ``row_strided`` inputs get symbolic
+    strides for all but their last dim (which stays 1, so loads along it still vectorise), bound at call
+    time from the tensor's own strides."""
+    func = te.create_prim_func([*params, *outs])
+    names = {p.name for v, p in zip(graph.inputs, params) if row_strided(v.type)}
+    if not names:
+        return func
+    found: list[Buffer] = []
+    tvm_ffi.structural_walk(func, (Buffer, found.append), order="post")
+    new: dict[str, Buffer] = {}
+    for b in found:
+        if b.name in names and b.name not in new:
+            strides = [tirx.Var(f"{b.name}_stride{i}", "int32") for i in range(len(b.shape) - 1)] + [1]
+            new[b.name] = tirx.decl_buffer(b.shape, b.dtype, name=b.name, strides=strides)
+    return tvm_ffi.structural_map(func, [(Buffer, lambda b: new.get(b.name, b) if b.name in names else b)],
+                                  order="pre")
 
 
 class TVMKernel:
@@ -148,6 +179,7 @@ class TVMKernel:
         self.output_types: list[TensorType] = [v.type for v in graph.outputs]
         self._input_specs, self._output_specs = _specs(self.input_types), _specs(self.output_types)
         self._inputs_cl = [is_channels_last(t) for t in self.input_types]
+        self._inputs_strided = [row_strided(t) for t in self.input_types]
         self._outputs_cl = [is_channels_last(t) for t in self.output_types]
         key = workload_key(graph, target, schedule_id(schedule)) if cache is not None else None
         self.key = key  # the kernel cache entry (None without a cache): what an artifact ships
@@ -156,7 +188,7 @@ class TVMKernel:
         if function is not None:
             self.function, self.source, self.cached = function, None, True
             return
-        func = te.create_prim_func([*params, *outs])
+        func = _prim_func(graph, params, outs)
         module = schedule(func)
         self.source = module.script()
         built = tvm.compile(module, target=target)
@@ -184,7 +216,8 @@ class TVMKernel:
                                      f"{tuple(x.shape)}")
         outs = [torch.empty(shape, dtype=dtype, memory_format=torch.channels_last if cl else torch.contiguous_format)
                 for (shape, dtype), cl in zip(self._output_specs, self._outputs_cl)]
-        self.function(*[physical(x, cl) for x, cl in zip(inputs, self._inputs_cl)], *self.weights,
+        self.function(*[physical(x, cl, st) for x, cl, st in zip(inputs, self._inputs_cl, self._inputs_strided)],
+                      *self.weights,
                       *[o.permute(*NHWC) if cl else o for o, cl in zip(outs, self._outputs_cl)])
         return tuple(outs)
 

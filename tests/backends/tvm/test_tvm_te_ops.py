@@ -152,6 +152,32 @@ def test_kernel_checks_input_shapes():
         kernel(torch.randn(4, 9))
 
 
+def test_strided_inputs_are_read_in_place_with_their_row_strides(monkeypatch):
+    import kiln.backends.tvm.kernel as kernel_module
+
+    g = Graph("t")
+    b = Builder(g)
+    x = g.add_input(TensorType((8, 16), F32, "strided"), "x")  # e.g. one time step x[:, t] of a sequence
+    y = g.add_input(TensorType((8, 16), F32), "y")
+    g.set_outputs([b.call(aten.mul.Tensor, b.call(aten.sigmoid, x), y)])
+    kernel = build_kernel(g)
+    seq, y_in = torch.randn(8, 5, 16), torch.randn(8, 16)
+    copies = []
+    real_aligned = kernel_module.aligned
+    monkeypatch.setattr(kernel_module, "aligned", lambda t: copies.append(t.shape) or real_aligned(t))
+    for t in range(5):
+        step = seq[:, t]  # row stride 80, not 16
+        (got,) = kernel(step, y_in)
+        assert_match(got, torch.sigmoid(step) * y_in)
+    assert copies == []  # read through its strides, never copied
+    (got,) = kernel(seq[:, 1].contiguous(), y_in)  # a compact tensor fits the same function
+    assert_match(got, torch.sigmoid(seq[:, 1]) * y_in)
+    transposed = torch.randn(16, 8).t()  # last dim not contiguous: copied, still right
+    (got,) = kernel(transposed, y_in)
+    assert_match(got, torch.sigmoid(transposed) * y_in)
+    assert copies == [(8, 16)]
+
+
 def test_channels_last_values_are_nhwc_buffers():
     cl = TensorType((2, 3, 4, 5), F32, "channels_last")
     g = Graph("t")
