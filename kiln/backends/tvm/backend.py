@@ -24,6 +24,9 @@ Contract:
   weights with a following activation fused (``packed_conv.py``); with tuning and ``gemm`` auto/tvm
   only PyTorch's variant of a GEMM is packed. ``preferred_layout`` is channels-last: conv nets reach
   this backend NHWC, and kernels take channels-last values as NHWC buffers (``kernel.py``).
+- An attention group (``kiln.passes.attention``: decomposed float32 attention without a mask operand,
+  causal or not, no dropout) runs as one ``F.scaled_dot_product_attention`` call (PyTorch's flash kernel
+  on CPU) instead of bmm + softmax kernel + bmm; ``kernel_paths`` lists it as a torch path.
 - Kernels are compiled once per process per (canonical IR text, target, schedule) (``_KERNEL_CACHE``) and
   once per machine through the persistent ``KernelCache`` (``options["cache_dir"]``: a directory, or
   False to stay off disk; default ``kiln.backends.tvm.cache.cache_dir()``). Weight tensors are
@@ -52,6 +55,9 @@ from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
+
+import torch
+import torch.nn.functional as F
 
 from kiln.backends.base import Backend, Executable, register_backend
 from kiln.backends.partition import partition
@@ -207,6 +213,28 @@ def _merge_extern_epilogues(graph: Graph) -> int:
     return merged
 
 
+def _attention_call(group: Node) -> Callable | None:
+    """A ``kind="attention"`` group (``kiln.passes.attention``) as one call of PyTorch's fused scaled-dot-
+    product attention (its flash kernel on CPU: the L x S scores are never written), or None when the
+    group is outside what that call means exactly: a decomposed float32 attention without a mask operand
+    (causal or not, so no row is ever fully masked and the ``fully_masked_rows`` choice cannot matter),
+    without dropout, with one output. Single SDPA ops (``form="sdpa"``) already run PyTorch's kernel."""
+    a = group.attrs
+    if (a.get("form") != "decomposed" or a.get("mask_kind") != "none" or a.get("mask") is not None
+            or a.get("dropout_p") or len(group.results) != 1 or not isinstance(a.get("scale"), float)):
+        return None
+    operands = [group.inputs[a[x]].type for x in ("q", "k", "v")]
+    if any(t.dtype != torch.float32 or len(t.shape) < 3 for t in operands) or a.get("softmax_dtype") != torch.float32:
+        return None
+    iq, ik, iv, causal, scale = a["q"], a["k"], a["v"], bool(a["causal"]), a["scale"]
+
+    def attention(*args):  # the group's inputs, in order
+        out = F.scaled_dot_product_attention(args[iq], args[ik], args[iv], is_causal=causal, scale=scale)
+        return (out.contiguous(),)  # the group's result is typed contiguous; flash writes it as [B, L, H, E]
+
+    return attention
+
+
 def _kernel(graph: Graph, low: _Lowering) -> tuple[TVMKernel, dict]:
     if low.tuner is not None:
         kernel, info = low.tuner.kernel(graph)
@@ -305,7 +333,14 @@ class TVMBackend(Backend):
         submodules: dict[Node, Any] = {}
         with low.tuner if low.tuner is not None else nullcontext():
             for node in list(g.nodes):
-                if node.op is FUSED:
+                if node.op is not FUSED:
+                    continue
+                attention = _attention_call(node) if node.attrs.get("kind") == "attention" else None
+                if attention is not None:
+                    submodules[node] = attention
+                    paths.append({"kernel": node.subgraph.name, "path": "torch",
+                                  "ops": ["aten.scaled_dot_product_attention"]})
+                else:
                     submodules[node] = _lower_group(node, low, paths)
             submodules.update(_lower_regions_outside(g, low, paths))
         gm = to_fx(g, submodules=submodules)

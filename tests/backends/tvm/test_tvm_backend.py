@@ -184,3 +184,50 @@ def test_epilogue_read_outside_its_consumer_group_is_not_merged():
     PassManager(parse_pipeline("O2")).run(graph, context_for("tvm"))
     assert _merge_extern_epilogues(graph) == 0  # the gates are a graph output
     _check(graph, inputs)
+
+
+class _Attention(torch.nn.Module):
+    """Hand-written multi-head attention, as torch.export writes it: bmm, softmax, bmm (optionally causal
+    through a lower-triangular buffer, or masked by a mask operand)."""
+
+    def __init__(self, causal=False, seq=16):
+        super().__init__()
+        self.causal = causal
+        self.register_buffer("tril", torch.ones(seq, seq, dtype=torch.bool).tril())
+
+    def forward(self, q, k, v, keep=None):
+        scores = q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5
+        if self.causal:
+            scores = scores.masked_fill(~self.tril, float("-inf"))
+        if keep is not None:
+            scores = scores.masked_fill(~keep, float("-inf"))
+        return torch.softmax(scores, dim=-1) @ v
+
+
+def _attention_graph(model, inputs):
+    graph = from_export(model, inputs)
+    PassManager(parse_pipeline("O2")).run(graph, context_for("tvm"))
+    assert [n.attrs["kind"] for n in graph.nodes if n.op is FUSED].count("attention") == 1
+    return graph
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_attention_group_runs_pytorch_fused_attention(causal):
+    qkv = tuple(torch.randn(2, 4, 16, 8) for _ in range(3))
+    model = _Attention(causal).eval()
+    graph = _attention_graph(model, qkv)
+    compiled = _check(graph, qkv)
+    assert_match(compiled(*qkv)[0], model(*qkv))
+    paths = _exe(compiled).kernel_paths
+    assert ["aten.scaled_dot_product_attention"] in [p["ops"] for p in paths if p["path"] == "torch"]
+    assert not any("aten.bmm" in p["ops"] for p in paths)  # no scores materialised
+
+
+def test_attention_with_a_mask_operand_keeps_its_decomposed_lowering():
+    qkv = tuple(torch.randn(2, 4, 16, 8) for _ in range(3))
+    keep = torch.rand(16, 16) > 0.3
+    keep[:, 0] = True  # no fully masked row
+    model = _Attention().eval()
+    graph = _attention_graph(model, (*qkv, keep))
+    compiled = _check(graph, (*qkv, keep))
+    assert not any(p["ops"] == ["aten.scaled_dot_product_attention"] for p in _exe(compiled).kernel_paths)
