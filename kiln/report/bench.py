@@ -258,7 +258,8 @@ def _compiling(c: Contender) -> AbstractContextManager:
 
 
 GEMM_OPS = frozenset({"aten.mm", "aten.addmm", "aten.bmm", "aten.baddbmm", "aten.convolution",
-                      "mkl._mkl_linear", "mkldnn._convolution_pointwise"})  # the tvm target's packed-weight kernels
+                      "mkl._mkl_linear", "mkldnn._convolution_pointwise",  # the tvm target's packed-weight kernels
+                      "mkldnn._convolution_pointwise.binary", "aten.scaled_dot_product_attention"})
 
 
 def kernel_paths(compiled: Any) -> list[dict[str, Any]] | None:

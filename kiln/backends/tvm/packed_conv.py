@@ -5,7 +5,8 @@ each time) and leaves the activation to a second pass over the output. ``mkldnn.
 takes a weight reordered once (``mkldnn_reorder_conv2d_weight``) and applies the activation as a oneDNN
 post-op. Measured here (2 threads, channels-last, a ReLU6 after the conv): depthwise 3x3 144 channels
 56x56 236 us against 384 us for conv + clamp; 1x1 96->24 28x28 96 against 125; a dense 3x3 32->64 56x56
-showed no gain (905 against 771, indicative: other jobs were running).
+showed no gain (905 against 771, indicative: other jobs were running). The residual add as a binary
+post-op: A/B on the bench resnet18 (interleaved, one process) 21.5 against 20.3 ms.
 
 Contract:
 - ``pack_convolutions(graph, packs) -> int`` rewrites, in ``graph`` and its subgraphs, every 2-d
@@ -15,7 +16,11 @@ Contract:
   None)``. When the convolution's only reader is an activation oneDNN fuses (``POST_OPS``: relu, ReLU6 /
   hardtanh, silu, sigmoid, tanh, hardswish) that activation is folded in and replaced too. ``packed`` is
   a new ``kiln.weight`` (``<name>.onednn``: an opaque mkldnn tensor, so only for running: the backend
-  packs its own clone). ``packs`` shares packed weights between graphs (storage, view, conv geometry).
+  packs its own clone). When the convolution's only reader is ``aten.add.Tensor`` of another float32
+  channels-last value of its shape (a residual), the add (and an activation that is its only reader) are
+  folded too: ``mkldnn._convolution_pointwise.binary(x, other, packed, bias, ..., "add", None, attr or
+  None, scalars, None)``, oneDNN's binary post-op (resnet's ``relu(conv(x) + identity)``). ``packs``
+  shares packed weights between graphs (storage, view, conv geometry).
 - Results equal ``aten.convolution`` followed by the activation (same oneDNN kernels; the activation is
   applied in float32 by the post-op).
 """
@@ -33,6 +38,7 @@ from kiln.ir.types import TensorType
 from .packed_gemm import add_weight, view_key, weight_tensor
 
 CONV_POINTWISE = "mkldnn._convolution_pointwise"
+CONV_POINTWISE_BINARY = "mkldnn._convolution_pointwise.binary"
 
 
 def _hardtanh(node: Node) -> tuple[str, list] | None:
@@ -79,6 +85,30 @@ def _conv_operands(node: Node) -> tuple | None:
     return x, w, b, list(stride), list(padding), list(dilation), int(groups)
 
 
+def _sole_reader(node: Node, graph: Graph) -> Node | None:
+    """The one node that reads ``node``'s result, once (None if several or a graph output)."""
+    users = node.output.users
+    if len(users) == 1 and len(node.output.uses) == 1 and all(o is not node.output for o in graph.outputs):
+        return users[0]
+    return None
+
+
+def _residual_add(conv: Node, graph: Graph) -> tuple[Node | None, Any]:
+    """(the ``aten.add.Tensor`` that adds a residual to ``conv``'s result, the residual) when that add is the
+    conv's only reader and the residual is another float32 channels-last value of the same shape (what
+    oneDNN's binary post-op takes); else (None, None)."""
+    add = _sole_reader(conv, graph)
+    if add is None or add.op.name != "aten.add.Tensor" or add.kwargs or len(add.args) != 2:
+        return None, None
+    other = add.args[1] if add.args[0] is conv.output else add.args[0]
+    out = conv.output.type
+    ot = getattr(other, "type", None)
+    if other is conv.output or not isinstance(ot, TensorType) or ot.shape != out.shape \
+            or ot.dtype != torch.float32 or ot.layout != "channels_last" or add.output.type.layout != "channels_last":
+        return None, None
+    return add, other
+
+
 def pack_convolutions(graph: Graph, packs: dict) -> int:
     if not torch.backends.mkldnn.is_available():
         return 0
@@ -93,12 +123,12 @@ def pack_convolutions(graph: Graph, packs: dict) -> int:
         if operands is None:
             continue
         x, w, b, stride, padding, dilation, groups = operands
-        users = node.output.users
-        post = None
-        if len(users) == 1 and len(node.output.uses) == 1 and users[0].op.name in POST_OPS \
-                and users[0].args[0] is node.output and all(o is not node.output for o in graph.outputs):
-            post = POST_OPS[users[0].op.name](users[0])
-        replaced = users[0] if post is not None else node
+        add, other = _residual_add(node, graph)
+        tail = add if add is not None else node
+        post, activation = None, _sole_reader(tail, graph)
+        if activation is not None and activation.op.name in POST_OPS and activation.args[0] is tail.output:
+            post = POST_OPS[activation.op.name](activation)
+        replaced = activation if post is not None else tail
         attr, scalars = post if post is not None else ("none", [])
         tensor = weight_tensor(w)
         in_shape = [int(d) for d in x.type.shape]
@@ -107,14 +137,17 @@ def pack_convolutions(graph: Graph, packs: dict) -> int:
             packs[key] = torch._C._nn.mkldnn_reorder_conv2d_weight(tensor.contiguous().to_mkldnn(), padding, stride,
                                                                    dilation, groups, in_shape)
         packed, _ = add_weight(graph, f"{w.producer.attrs['name']}.onednn", packs[key], graph.index_of(node))
-        new = graph.create_node(get_op(CONV_POINTWISE),
-                                (x, packed, b, padding, stride, dilation, groups, attr, scalars, None), {},
-                                [replaced.output.type], names=[replaced.output.name + "_onednn"],
-                                index=graph.index_of(replaced) + 1)
+        if add is None:
+            op, args = CONV_POINTWISE, (x, packed, b, padding, stride, dilation, groups, attr, scalars, None)
+        else:  # oneDNN computes conv(x) + other, then the activation, in one pass over the output
+            op = CONV_POINTWISE_BINARY
+            args = (x, other, packed, b, padding, stride, dilation, groups, "add", None,
+                    attr if post is not None else None, scalars, None)
+        new = graph.create_node(get_op(op), args, {}, [replaced.output.type],
+                                names=[replaced.output.name + "_onednn"], index=graph.index_of(replaced) + 1)
         graph.replace_all_uses(replaced.output, new.output)
-        if replaced is not node:
-            graph.erase(replaced)
-        graph.erase(node)
+        for done in dict.fromkeys((replaced, tail, node)):  # consumers first
+            graph.erase(done)
         if not w.uses and all(o is not w for o in graph.outputs):
             graph.erase(w.producer)
         rewritten += 1

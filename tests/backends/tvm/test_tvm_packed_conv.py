@@ -26,7 +26,7 @@ class _ConvNet(torch.nn.Module):
     def forward(self, x):
         y = torch.nn.functional.relu6(self.a(x))  # ReLU6: hardtanh(0, 6) folded into the conv
         z = torch.sigmoid(self.dw(y))  # no bias, sigmoid folded
-        return self.b(z) + z[:, :8]  # the conv's result has a non-activation reader: plain packed conv
+        return self.b(z) + z[:, :8]  # a residual add (of a strided slice): oneDNN's binary post-op
 
 
 def test_conv_net_on_the_tvm_target_runs_packed_convolutions_with_fused_activations():
@@ -36,8 +36,39 @@ def test_conv_net_on_the_tvm_target_runs_packed_convolutions_with_fused_activati
     PassManager(parse_pipeline("O2")).run(graph, context_for("tvm"))
     compiled = compile_graph(graph, "tvm")
     (exe,) = [m.fn for m in compiled.module.modules() if hasattr(m, "fn")]
-    packed = [p for p in exe.kernel_paths if CONV_POINTWISE in p["ops"]]
+    packed = [p for p in exe.kernel_paths if any(op.startswith(CONV_POINTWISE) for op in p["ops"])]
     assert len(packed) == 3 and all(p["path"] == "torch" for p in packed)
+    assert [p["ops"] for p in packed].count([CONV_POINTWISE]) == 2
     assert not any(op in p["ops"] for p in exe.kernel_paths for op in ("aten.hardtanh", "aten.sigmoid"))
+    with torch.no_grad():
+        assert_match(compiled(x)[0], model(x))
+
+
+class _ResidualBlock(torch.nn.Module):
+    """resnet's basic block tail: relu(conv(y) + x), and a plain residual add without activation."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Conv2d(8, 8, 3, padding=1)
+        self.b = torch.nn.Conv2d(8, 8, 3, padding=1)
+        self.c = torch.nn.Conv2d(8, 8, 1)
+
+    def forward(self, x):
+        y = torch.relu(self.b(torch.relu(self.a(x))) + x)  # add + relu folded into b
+        return y + self.c(y)  # add folded into c (the residual on the left), no activation
+
+
+def test_residual_add_and_its_activation_fold_into_the_convolution():
+    from kiln.backends.tvm.packed_conv import CONV_POINTWISE_BINARY
+
+    model = _ResidualBlock().eval()
+    x = torch.randn(2, 8, 10, 10)
+    graph = from_export(model, (x,))
+    PassManager(parse_pipeline("O2")).run(graph, context_for("tvm"))
+    compiled = compile_graph(graph, "tvm")
+    (exe,) = [m.fn for m in compiled.module.modules() if hasattr(m, "fn")]
+    ops = [op for p in exe.kernel_paths for op in p["ops"]]
+    assert ops.count(CONV_POINTWISE_BINARY) == 2 and ops.count(CONV_POINTWISE) == 1
+    assert "aten.add.Tensor" not in ops and "aten.relu" not in ops
     with torch.no_grad():
         assert_match(compiled(x)[0], model(x))
