@@ -43,7 +43,8 @@ TVM_DTYPES: dict[torch.dtype, str] = {
 
 # Part of the kernel cache key (cache.workload_key): bump it when a lowering changes the code it generates.
 # 2: float32 log/log1p through fast_math's polynomials.
-# 3: inputs typed layout="strided" take any row strides (kernel.row_strided): a new calling convention.
+# 3: inputs typed layout="strided" take any row strides (kernel.row_strided): a new calling convention;
+#    aten.full lowered.
 LOWERING_VERSION = "3"
 
 Lowering = Callable[[Node, tuple, dict], object]
@@ -303,6 +304,13 @@ def _slice(node, args, kwargs):
                       name="slice")
 
 
+@lowering("aten.full")
+def _full(node, args, kwargs):
+    """A constant tensor: inside a kernel, TVM folds it into what reads it (a scan's zero initial state)."""
+    value = _const(args[1], result_dtype(node))
+    return te.compute(_shape(node), lambda *i: value, name="full")
+
+
 @lowering("aten.select.int")
 def _select(node, args, kwargs):
     x, dim, index = args[0], args[1] % len(args[0].shape), args[2]
@@ -516,6 +524,9 @@ _REFUSE: dict[str, Callable[[Node], bool]] = {
     "aten._softmax": lambda n: bool(n.args[2]) if len(n.args) > 2 else False,  # half_to_float
     "aten._log_softmax": lambda n: bool(n.args[2]) if len(n.args) > 2 else False,
     "aten.convolution": _refuse_conv,
+    # a number on the CPU, nothing else (a symbolic fill, pinned memory or another device stays PyTorch's)
+    "aten.full": lambda n: (not isinstance(n.args[1], (int, float, bool)) or bool(n.kwargs.get("pin_memory"))
+                            or str(n.kwargs.get("device", "cpu")) != "cpu"),
 }
 
 

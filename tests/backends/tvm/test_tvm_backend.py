@@ -231,3 +231,39 @@ def test_attention_with_a_mask_operand_keeps_its_decomposed_lowering():
     graph = _attention_graph(model, (*qkv, keep))
     compiled = _check(graph, (*qkv, keep))
     assert not any(p["ops"] == ["aten.scaled_dot_product_attention"] for p in _exe(compiled).kernel_paths)
+
+
+class _Scan(torch.nn.Module):
+    """Mamba's selective scan, small: dA = exp(delta * A) for every step at once, read one step at a time."""
+
+    def __init__(self, d=4, n=2):
+        super().__init__()
+        self.A = torch.nn.Parameter(-torch.rand(d, n))
+
+    def forward(self, delta, bu):
+        dA = torch.exp(delta.unsqueeze(-1) * self.A)  # (b, l, d, n)
+        dBu = delta.unsqueeze(-1) * bu.unsqueeze(2)
+        h = delta.new_zeros(delta.shape[0], delta.shape[2], self.A.shape[1])
+        ys = []
+        for t in range(delta.shape[1]):
+            h = dA[:, t] * h + dBu[:, t]
+            ys.append(h.sum(dim=-1))
+        return torch.stack(ys, dim=1)
+
+
+def test_sliced_producer_is_computed_inside_the_groups_that_read_its_steps():
+    from kiln.backends.tvm.backend import _merge_sliced_producers
+    from kiln.ir.clone import clone_graph
+
+    inputs = (torch.rand(1, 100, 4), torch.randn(1, 100, 2))  # 300 ops: fusion (256 at most) cuts the scan
+    graph = from_export(_Scan().eval(), inputs)
+    PassManager(parse_pipeline("O2")).run(graph, context_for("tvm"))
+    readers = [n for n in graph.nodes if n.op is FUSED and n.attrs["kind"] == "reduction"]
+    assert len(readers) >= 2  # the producer is read by several chunks: each gets its own copy
+    assert _merge_sliced_producers(clone_graph(graph)) == len(readers)
+    compiled = _check(graph, inputs)
+    kernels = _exe(compiled).kernel_paths
+    # exp(delta * A) is computed inside the scan kernels, step by step: no kernel writes it whole
+    assert [p["ops"] for p in kernels if p["path"] == "tvm" and "aten.exp" in p["ops"]] == \
+        [p["ops"] for p in kernels if p["path"] == "tvm" and "aten.sum.dim_IntList" in p["ops"]]
+    assert len([p for p in kernels if p["path"] == "tvm"]) == len(readers)

@@ -84,6 +84,9 @@ CASES = [
     ("slice_step", [(10, 8)], lambda b, x: b.call(aten.neg, b.call(aten.slice.Tensor, x, 0, 1, 9, 2))),
     ("slice_neg", [(10, 8)], lambda b, x: b.call(aten.neg, b.call(aten.slice.Tensor, x, 1, -3))),
     ("select", [(5, 6, 7)], lambda b, x: b.call(aten.neg, b.call(aten.select.int, x, 1, -2))),
+    ("full_as_a_state", [(4, 8)], lambda b, x: b.call(aten.add.Tensor, x, b.call(
+        aten.full, [4, 8], 0.5, dtype=torch.float32, layout=torch.strided, device=torch.device("cpu"),
+        pin_memory=False))),
     ("cat", [(2, 3), (2, 5)], lambda b, x, y: b.call(aten.cat, [x, b.call(aten.neg, y)], 1)),
     ("split_with_sizes", [(4, 10)], lambda b, x: [b.call(aten.neg, p)
                                                    for p in b.call(aten.split_with_sizes, x, [3, 7], 1)]),
