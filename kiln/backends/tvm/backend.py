@@ -165,10 +165,12 @@ def _absorbed_views(graph: Graph, is_kernel: Callable[[Node], bool]) -> set[Node
 
 def _sink_views(graph: Graph) -> int:
     """Move each top-level view of ``ABSORBED_VIEWS`` read only by fused groups into those groups (each group
-    then takes the view's input and reads through the view inside its kernel). Returns how many moved."""
+    then takes the view's input and reads through the view inside its kernel). Not into attention groups:
+    their attrs name q/k/v by input position (``_attention_call``). Returns how many moved."""
     moved = 0
     for node in reversed(list(graph.nodes)):  # consumers first: a chain of views sinks whole
         if (not _absorbable(node, graph) or not node.users or any(u.op is not FUSED for u in node.users)
+                or any(u.attrs.get("kind") == "attention" for u in node.users)  # attrs index its inputs
                 or any(v.producer is not None and v.producer.op is WEIGHT for v in node.inputs)):
             continue
         for group in node.users:

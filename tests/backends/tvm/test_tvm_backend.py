@@ -267,3 +267,18 @@ def test_sliced_producer_is_computed_inside_the_groups_that_read_its_steps():
     assert [p["ops"] for p in kernels if p["path"] == "tvm" and "aten.exp" in p["ops"]] == \
         [p["ops"] for p in kernels if p["path"] == "tvm" and "aten.sum.dim_IntList" in p["ops"]]
     assert len([p for p in kernels if p["path"] == "tvm"]) == len(readers)
+
+
+def test_attention_reading_transposed_views_gets_its_own_operands():
+    class HeadsLast(torch.nn.Module):  # q, k, v arrive as [B, L, H, E]: the heads transpose feeds the group
+        def forward(self, q, k, v):
+            q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+            return torch.softmax(q @ k.transpose(-2, -1) * 0.3, dim=-1) @ v
+
+    qkv = tuple(torch.randn(2, 16, 4, 8) for _ in range(3))
+    model = HeadsLast().eval()
+    graph = _attention_graph(model, qkv)
+    compiled = _check(graph, qkv)
+    assert_match(compiled(*qkv)[0], model(*qkv))
+    paths = _exe(compiled).kernel_paths
+    assert ["aten.scaled_dot_product_attention"] in [p["ops"] for p in paths]
