@@ -206,6 +206,14 @@ def _sink_into(view: Node, group: Node) -> None:
 _EPILOGUE_JOINS = ("pointwise", "reduction")
 
 
+def _merge_groups(graph: Graph, first: Node, views: list[Node], into: Node) -> Node:
+    """One fused group holding ``first``, the top-level ``views`` between them and ``into`` (the caller has
+    checked the set is convex); it keeps ``into``'s attrs and name."""
+    attrs, name = dict(into.attrs), into.subgraph.name
+    nodes = inline_region(graph, first) + views + inline_region(graph, into)
+    return outline_region(graph, nodes, FUSED, attrs, name)
+
+
 def _merge_extern_epilogues(graph: Graph) -> int:
     """Merge each ``epilogue`` group into the one pointwise/reduction group that reads all its results, when
     PyTorch runs the GEMM/conv (untuned, or ``gemm="torch"``). Fusion keeps them apart because a generated
@@ -222,9 +230,7 @@ def _merge_extern_epilogues(graph: Graph) -> int:
             continue
         if not is_convex(graph, [group, consumer]):
             continue
-        attrs, name = dict(consumer.attrs), consumer.subgraph.name
-        nodes = inline_region(graph, group) + inline_region(graph, consumer)
-        outline_region(graph, nodes, FUSED, attrs, name)
+        _merge_groups(graph, group, [], consumer)
         merged += 1
     return merged
 
@@ -285,9 +291,7 @@ def _merge_into_readers(graph: Graph, producer: Node, by_reader: dict[Node, list
     graph.erase(producer)
     for copy, views, reader in copies:
         if is_convex(graph, [copy, *views, reader]):
-            attrs, name = dict(reader.attrs), reader.subgraph.name
-            nodes = inline_region(graph, copy) + views + inline_region(graph, reader)
-            outline_region(graph, nodes, FUSED, attrs, name)
+            _merge_groups(graph, copy, views, reader)
             merged += 1
     return merged
 

@@ -29,13 +29,19 @@ class _ConvNet(torch.nn.Module):
         return self.b(z) + z[:, :8]  # a residual add (of a strided slice): oneDNN's binary post-op
 
 
-def test_conv_net_on_the_tvm_target_runs_packed_convolutions_with_fused_activations():
-    model = _ConvNet().eval()
-    x = torch.randn(2, 3, 12, 12)
+def _compile_on_tvm(model, x):
+    """(the compiled graph, its TVM executable) for ``model`` at O2 on the tvm target."""
     graph = from_export(model, (x,))
     PassManager(parse_pipeline("O2")).run(graph, context_for("tvm"))
     compiled = compile_graph(graph, "tvm")
     (exe,) = [m.fn for m in compiled.module.modules() if hasattr(m, "fn")]
+    return compiled, exe
+
+
+def test_conv_net_on_the_tvm_target_runs_packed_convolutions_with_fused_activations():
+    model = _ConvNet().eval()
+    x = torch.randn(2, 3, 12, 12)
+    compiled, exe = _compile_on_tvm(model, x)
     packed = [p for p in exe.kernel_paths if any(op.startswith(CONV_POINTWISE) for op in p["ops"])]
     assert len(packed) == 3 and all(p["path"] == "torch" for p in packed)
     assert [p["ops"] for p in packed].count([CONV_POINTWISE]) == 2
@@ -63,10 +69,7 @@ def test_residual_add_and_its_activation_fold_into_the_convolution():
 
     model = _ResidualBlock().eval()
     x = torch.randn(2, 8, 10, 10)
-    graph = from_export(model, (x,))
-    PassManager(parse_pipeline("O2")).run(graph, context_for("tvm"))
-    compiled = compile_graph(graph, "tvm")
-    (exe,) = [m.fn for m in compiled.module.modules() if hasattr(m, "fn")]
+    compiled, exe = _compile_on_tvm(model, x)
     ops = [op for p in exe.kernel_paths for op in p["ops"]]
     assert ops.count(CONV_POINTWISE_BINARY) == 2 and ops.count(CONV_POINTWISE) == 1
     assert "aten.add.Tensor" not in ops and "aten.relu" not in ops
