@@ -95,6 +95,14 @@ EXTERN_OPS = frozenset({
 _KERNEL_CACHE: dict[tuple[str, str], Any] = {}
 
 
+def clear_process_caches() -> None:
+    """Forget the kernels this process compiled or loaded (benchmarks measure a fresh process's compile)."""
+    from .kernel import clear_plan_functions
+
+    _KERNEL_CACHE.clear()
+    clear_plan_functions()
+
+
 @dataclass
 class _Lowering:
     """What one compile lowers with: the schedule, the disk cache and, when tuning, the tuner."""
@@ -309,13 +317,30 @@ def _attention_call(group: Node) -> Callable | None:
     operands = [group.inputs[a[x]].type for x in ("q", "k", "v")]
     if any(t.dtype != torch.float32 or len(t.shape) < 3 for t in operands) or a.get("softmax_dtype") != torch.float32:
         return None
-    iq, ik, iv, causal, scale = a["q"], a["k"], a["v"], bool(a["causal"]), a["scale"]
+    return SDPAttention(a["q"], a["k"], a["v"], bool(a["causal"]), a["scale"])
 
-    def attention(*args):  # the group's inputs, in order
-        out = F.scaled_dot_product_attention(args[iq], args[ik], args[iv], is_causal=causal, scale=scale)
+
+@dataclass(frozen=True)
+class SDPAttention:
+    """One attention group's call: its inputs in order, q/k/v by input position."""
+    iq: int
+    ik: int
+    iv: int
+    causal: bool
+    scale: float
+
+    def __call__(self, *args):
+        out = F.scaled_dot_product_attention(args[self.iq], args[self.ik], args[self.iv], is_causal=self.causal,
+                                             scale=self.scale)
         return (out.contiguous(),)  # the group's result is typed contiguous; flash writes it as [B, L, H, E]
 
-    return attention
+    def to_plan(self) -> tuple[Callable, dict, list]:
+        return SDPAttention.from_plan, {"q": self.iq, "k": self.ik, "v": self.iv, "causal": self.causal,
+                                        "scale": self.scale}, []
+
+    @staticmethod
+    def from_plan(spec: dict, tensors: list) -> SDPAttention:
+        return SDPAttention(int(spec["q"]), int(spec["k"]), int(spec["v"]), bool(spec["causal"]), float(spec["scale"]))
 
 
 def _kernel(graph: Graph, low: _Lowering) -> tuple[TVMKernel, dict]:
@@ -396,6 +421,11 @@ class TVMBackend(Backend):
 
     def supports(self, node: Node) -> bool:
         return _runs_inside(node)
+
+    def cache_version(self) -> str:
+        import tvm
+
+        return f"{super().cache_version()} tvm {tvm.__version__} {cpu_target()}"
 
     def compile(self, graph: Graph, options: dict[str, Any]) -> Executable:
         trials = tuning_enabled(options)

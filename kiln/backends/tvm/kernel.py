@@ -183,6 +183,7 @@ class TVMKernel:
         self._outputs_cl = [is_channels_last(t) for t in self.output_types]
         key = workload_key(graph, target, schedule_id(schedule)) if cache is not None else None
         self.key = key  # the kernel cache entry (None without a cache): what an artifact ships
+        self.cache_root = cache.root if cache is not None else None  # where the entry lives (plans reload it)
         self.cached = False
         function = cache.get(key) if cache is not None else None
         if function is not None:
@@ -205,6 +206,26 @@ class TVMKernel:
             raise KilnInputError(f"@{graph.name}: its weights do not match the kernel's parameters")
         return bound
 
+    def to_plan(self) -> tuple[Callable, dict, list[torch.Tensor]]:
+        """How a flat plan (``kiln.runtime.plan``) stores this bound kernel: its kernel cache entry, call
+        conventions and weights; ``kernel_from_plan`` rebuilds it from the kernel cache."""
+        from kiln.runtime.plan import PlanUnsupported
+
+        if self.key is None or self.cache_root is None:
+            raise PlanUnsupported("a TVM kernel outside the on-disk kernel cache cannot be reloaded")
+        spec = {"key": self.key, "cache_root": str(self.cache_root),
+                "inputs": [[list(s), str(d).removeprefix("torch.")] for s, d in self._input_specs],
+                "outputs": [[list(s), str(d).removeprefix("torch.")] for s, d in self._output_specs],
+                "input_types": [str(t) for t in self.input_types], "inputs_cl": self._inputs_cl,
+                "inputs_strided": self._inputs_strided, "outputs_cl": self._outputs_cl}
+        return kernel_from_plan, spec, list(self.weights)
+
+    def artifact_files(self) -> dict[str, bytes]:
+        """This kernel's kernel cache entry (``KEY.so``, ``KEY.json``) for an artifact; empty without one."""
+        if self.key is None or self.cache_root is None:
+            return {}
+        return KernelCache(self.cache_root).entry_files(self.key)
+
     def __call__(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         # the hot path: one call per kernel per model call, so checks are on precomputed shapes and torch
         # tensors go to TVM as they are (tvm-ffi takes them through DLPack itself, without a Python wrapper)
@@ -220,6 +241,38 @@ class TVMKernel:
                       *self.weights,
                       *[o.permute(*NHWC) if cl else o for o, cl in zip(outs, self._outputs_cl)])
         return tuple(outs)
+
+
+_PLAN_FUNCTIONS: dict[tuple[str, str], object] = {}  # (cache root, key) -> loaded function, per process
+
+
+def clear_plan_functions() -> None:
+    _PLAN_FUNCTIONS.clear()
+
+
+def kernel_from_plan(spec: dict, weights: list[torch.Tensor]) -> TVMKernel:
+    """The inverse of ``TVMKernel.to_plan``: the compiled function from the kernel cache (verified by
+    ``KernelCache.get``; ``ArtifactError`` when the entry is gone), bound to ``weights``."""
+    from kiln.errors import ArtifactError
+
+    root, key = spec["cache_root"], spec["key"]
+    function = _PLAN_FUNCTIONS.get((root, key))
+    if function is None:
+        function = KernelCache(root).get(key)
+        if function is None:
+            raise ArtifactError(f"kernel {key} is not in the kernel cache {root}")
+        _PLAN_FUNCTIONS[(root, key)] = function
+    kernel = object.__new__(TVMKernel)
+    dtype = {str(d).removeprefix("torch."): d for d in TVM_DTYPES}
+    kernel._input_specs = [(torch.Size(s), dtype[d]) for s, d in spec["inputs"]]
+    kernel._output_specs = [(torch.Size(s), dtype[d]) for s, d in spec["outputs"]]
+    kernel.input_types, kernel.output_types = list(spec["input_types"]), None
+    kernel._inputs_cl, kernel._inputs_strided = list(spec["inputs_cl"]), list(spec["inputs_strided"])
+    kernel._outputs_cl = list(spec["outputs_cl"])
+    kernel.key, kernel.cache_root, kernel.cached, kernel.source = key, root, True, None
+    kernel.function = function
+    kernel.weights = [aligned(w) for w in weights]
+    return kernel
 
 
 def _specs(types: list[TensorType]) -> list[tuple[torch.Size, torch.dtype]]:

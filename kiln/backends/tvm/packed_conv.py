@@ -109,6 +109,15 @@ def _residual_add(conv: Node, graph: Graph) -> tuple[Node | None, Any]:
     return add, other
 
 
+def onednn_pack(spec: dict, sources: list[torch.Tensor]) -> torch.Tensor:
+    """oneDNN's blocked layout of the convolution weight ``sources[0]`` for the convolution ``spec``
+    describes; the tensor carries its recipe (``kiln_recipe``) so a flat plan can pack it again on load."""
+    packed = torch._C._nn.mkldnn_reorder_conv2d_weight(sources[0].to_mkldnn(), spec["padding"], spec["stride"],
+                                                       spec["dilation"], int(spec["groups"]), spec["input_shape"])
+    packed.kiln_recipe = (onednn_pack, dict(spec), list(sources))
+    return packed
+
+
 def pack_convolutions(graph: Graph, packs: dict) -> int:
     if not torch.backends.mkldnn.is_available():
         return 0
@@ -134,8 +143,8 @@ def pack_convolutions(graph: Graph, packs: dict) -> int:
         in_shape = [int(d) for d in x.type.shape]
         key = (view_key(tensor), tuple(padding), tuple(stride), tuple(dilation), groups, tuple(in_shape))
         if key not in packs:
-            packs[key] = torch._C._nn.mkldnn_reorder_conv2d_weight(tensor.contiguous().to_mkldnn(), padding, stride,
-                                                                   dilation, groups, in_shape)
+            packs[key] = onednn_pack({"padding": list(padding), "stride": list(stride), "dilation": list(dilation),
+                                      "groups": groups, "input_shape": in_shape}, [tensor.contiguous()])
         packed, _ = add_weight(graph, f"{w.producer.attrs['name']}.onednn", packs[key], graph.index_of(node))
         if add is None:
             op, args = CONV_POINTWISE, (x, packed, b, padding, stride, dilation, groups, attr, scalars, None)

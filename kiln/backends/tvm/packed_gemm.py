@@ -71,6 +71,14 @@ def _operands(node: Node) -> tuple[Value, Value, Value | None] | None:
     return x, w, bias
 
 
+def mkl_pack(spec: dict, sources: list[torch.Tensor]) -> torch.Tensor:
+    """MKL's packing of the [N, K] weight ``sources[0]`` for ``spec["rows"]`` rows; the tensor carries its
+    recipe (``kiln_recipe``), so a flat plan stores the weight and packs it again on load."""
+    packed = torch.ops.mkl._mkl_reorder_linear_weight(sources[0], int(spec["rows"]))
+    packed.kiln_recipe = (mkl_pack, dict(spec), list(sources))
+    return packed
+
+
 def add_weight(graph: Graph, name: str, tensor: torch.Tensor, index: int) -> tuple[Value, int]:
     """A new ``kiln.weight`` ``name`` holding ``tensor`` at ``index``: (its value, the next index)."""
     graph.weights[name] = tensor
@@ -96,7 +104,7 @@ def pack_linear_weights(graph: Graph, packs: dict[tuple, tuple[torch.Tensor, tor
         key = (view_key(tensor), rows)
         if key not in packs:
             w_nk = tensor.t().contiguous()
-            packs[key] = (w_nk, torch.ops.mkl._mkl_reorder_linear_weight(w_nk, rows))
+            packs[key] = (w_nk, mkl_pack({"rows": rows}, [w_nk]))
         w_nk, packed = packs[key]
         index = graph.index_of(node)
         nk_value, index = add_weight(graph, f"{name}.mkl_nk", w_nk, index)

@@ -1,7 +1,0 @@
-import pytest
-
-
-@pytest.fixture(autouse=True)
-def _private_kernel_cache(tmp_path_factory, monkeypatch):
-    """Tests never read or write the user's kernel cache."""
-    monkeypatch.setenv("KILN_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "kiln-cache"))
