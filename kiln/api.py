@@ -7,11 +7,16 @@ Contract:
 - ``CompiledModel(*inputs)`` checks the inputs against the graph's input types (count, dtype, static
   dims; symbolic dims must agree with each other) and raises ``KilnInputError`` naming the input, then
   returns outputs in the model's own structure. ``.graph`` is the optimized IR, ``.report`` the fallback
-  report, ``.pass_records`` per-pass timings and changes.
+  report, ``.pass_records`` per-pass timings and changes (empty on a compile-cache hit).
+- With ``compile_cache`` on (the default), ``kiln.compile`` first looks the model up in the compile cache
+  (``kiln.runtime.compile_cache``): a hit loads the compiled program without exporting or compiling; a
+  miss compiles and stores it. ``CompiledModel.cache`` says which ("hit", "stored", "off: <why>").
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from typing import Any
 
 import sympy
@@ -28,20 +33,35 @@ from kiln.ir.types import DTYPES, TensorType
 from kiln.options import CompileOptions
 from kiln.passes.manager import DumpIRInstrument, PassManager, VerifyInstrument, context_for, parse_pipeline
 
+log = logging.getLogger("kiln")
+
 
 class CompiledModel:
-    def __init__(self, graph: Graph, compiled: CompiledGraph, out_spec=None, pass_records=None):
-        self.graph = graph
+    def __init__(self, graph: Graph | None, compiled: CompiledGraph, out_spec=None, pass_records=None, *,
+                 graph_loader: Callable[[], Graph] | None = None, graph_name: str | None = None,
+                 inputs: list[tuple[str, Any]] | None = None, cache: str | None = None):
+        self._graph, self._graph_loader = graph, graph_loader
         self.compiled = compiled
         self.out_spec = out_spec
         self.pass_records = list(pass_records or [])
+        self.graph_name = graph_name if graph_name is not None else graph.name
+        # (value name, type) per graph input: what calls are checked against, without the graph at hand
+        self.inputs = inputs if inputs is not None else [(v.name, v.type) for v in graph.inputs]
+        self.cache = cache  # the compile cache: "hit", "stored", "off: <why>" (None: not kiln.compile)
+
+    @property
+    def graph(self) -> Graph:
+        """The optimized IR (a compile-cache hit parses it from the entry on first use)."""
+        if self._graph is None:
+            self._graph = self._graph_loader()
+        return self._graph
 
     @property
     def report(self):
         return self.compiled.report
 
     def check_inputs(self, inputs: tuple) -> None:
-        check_inputs(self.graph, inputs)
+        check_inputs(self.graph_name, self.inputs, inputs)
 
     def __call__(self, *args, **kwargs):
         flat = pytree.tree_leaves((args, kwargs))
@@ -52,29 +72,30 @@ class CompiledModel:
         return outs[0] if len(outs) == 1 else outs
 
 
-def check_inputs(graph: Graph, inputs: tuple) -> None:
-    if len(inputs) != len(graph.inputs):
-        sig = ", ".join(format_type(v.type) for v in graph.inputs)
-        raise KilnInputError(f"graph '{graph.name}' takes {len(graph.inputs)} input(s) ({sig}), "
+def check_inputs(graph_name: str, expected: list[tuple[str, Any]], inputs: tuple) -> None:
+    """``inputs`` against a graph's (value name, type) inputs: count, dtype, rank, static dims, and equal
+    values for each symbolic dim; ``KilnInputError`` names the input."""
+    if len(inputs) != len(expected):
+        sig = ", ".join(format_type(t) for _, t in expected)
+        raise KilnInputError(f"graph '{graph_name}' takes {len(expected)} input(s) ({sig}), "
                              f"got {len(inputs)}")
     bound: dict[sympy.Symbol, int] = {}
-    for i, (v, x) in enumerate(zip(graph.inputs, inputs)):
-        t = v.type
+    for i, ((name, t), x) in enumerate(zip(expected, inputs)):
         if not isinstance(t, TensorType):
             continue
         want = format_type(t)
         if not isinstance(x, torch.Tensor):
-            raise KilnInputError(f"input {i} (%{v.name}): expected a tensor {want}, got {type(x).__name__}")
+            raise KilnInputError(f"input {i} (%{name}): expected a tensor {want}, got {type(x).__name__}")
         got = f"{DTYPES.get(x.dtype, x.dtype)}{list(x.shape)}"
         if x.dtype != t.dtype or x.dim() != t.rank:
-            raise KilnInputError(f"input {i} (%{v.name}): expected {want}, got {got}")
+            raise KilnInputError(f"input {i} (%{name}): expected {want}, got {got}")
         for d, s in zip(t.shape, x.shape):
             if isinstance(d, int):
                 if d != s:
-                    raise KilnInputError(f"input {i} (%{v.name}): expected {want}, got {got}")
+                    raise KilnInputError(f"input {i} (%{name}): expected {want}, got {got}")
             elif d.is_Symbol:
                 if bound.setdefault(d, s) != s:
-                    raise KilnInputError(f"input {i} (%{v.name}): dim {d} is {s} here but {bound[d]} "
+                    raise KilnInputError(f"input {i} (%{name}): dim {d} is {s} here but {bound[d]} "
                                          "in an earlier input")
 
 
@@ -101,13 +122,26 @@ def optimize(graph, opts: CompileOptions, dump_dir: str | None = None, calib_inp
 
 def compile(model: torch.nn.Module, example_inputs: Any, target: str = "reference", pipeline: str = "O1",
             dynamic_shapes=None, **options: Any) -> CompiledModel:
+    from kiln.runtime.compile_cache import CompileCache
+
     opts = CompileOptions.from_dict({"target": target, "pipeline": pipeline, **options})
     get_backend(opts.target)  # a target that is not built yet fails before the (slow) export
     example_inputs = check_model(model, example_inputs)
-    graph = from_export(model, example_inputs, dynamic_shapes=dynamic_shapes)
-    records = optimize(graph, opts, calib_inputs=example_inputs)
-    compiled = compile_graph(graph, opts.target, opts.backend_config(), example_inputs=example_inputs)
-    cm = CompiledModel(graph, compiled, graph.meta.get("out_spec"), records)
+    cache = CompileCache.for_options(opts)
+    key, why = cache.key(model, example_inputs, opts, dynamic_shapes) if cache is not None else (None, "disabled")
+    cm = cache.load(key) if key is not None else None
+    if cm is not None:
+        cm.cache = "hit"
+    else:
+        graph = from_export(model, example_inputs, dynamic_shapes=dynamic_shapes)
+        records = optimize(graph, opts, calib_inputs=example_inputs)
+        compiled = compile_graph(graph, opts.target, opts.backend_config(), example_inputs=example_inputs)
+        cm = CompiledModel(graph, compiled, graph.meta.get("out_spec"), records)
+        if key is not None:
+            why = cache.store(key, cm, example_inputs)
+        cm.cache = "stored" if key is not None and why is None else f"off: {why}"
+        if key is not None and why is not None:
+            log.info("kiln: compile cache: %s", why)
     if opts.check:
         from kiln.numerics import assert_match
 

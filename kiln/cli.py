@@ -524,8 +524,9 @@ def compile_cmd(ctx: click.Context, model_ref: str, size: str, example_inputs: s
 
     _load_plugins_first(ctx)
     # fail fast, before the (slow) model build and export
+    # an artifact carries the kernels and tuning records of a real compile: the compile cache is not read
     opts = CompileOptions.from_dict({"target": target, "pipeline": pipeline, "quantize": quantize,
-                                     "prune": prune, "tune_trials": tune_trials})
+                                     "prune": prune, "tune_trials": tune_trials, "compile_cache": False})
     if cache_dir is not None:
         os.environ["KILN_CACHE_DIR"] = str(Path(cache_dir).resolve())
     get_backend(opts.target)

@@ -7,6 +7,8 @@ file, node or argument at fault.
 - ``VerificationError``: malformed IR; names the node and what is wrong with it.
 - ``UnsupportedError``: something kiln cannot represent or compile; callers fall back to eager.
 - ``ArtifactError``: a missing, corrupted or incompatible artifact or cache file; names the file.
+- ``KilnCacheWarning``: a cache entry (TVM kernel, tuning record, compiled model) was ignored: corrupt,
+  foreign version, unreadable. The warning names the file and the reason; the work is redone.
 """
 
 from __future__ import annotations
@@ -37,6 +39,10 @@ class UnsupportedError(KilnError, NotImplementedError):
 
 
 class ArtifactError(KilnError):
+    pass
+
+
+class KilnCacheWarning(UserWarning):
     pass
 
 

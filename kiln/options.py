@@ -14,6 +14,9 @@ Contract: ``CompileOptions.from_dict(d)`` accepts exactly the documented keys an
   a budget of ``MIXED_BUDGET`` of the float32 weight bytes (what int8 everywhere costs);
 - ``tune_trials`` (an int >= 0): MetaSchedule trials per kernel for the ``tvm`` target (0 or None: kiln's
   untuned default schedules); any other target refuses it with ``UnsupportedError``;
+- ``compile_cache`` (default True): ``kiln.compile`` keeps what it compiled in the compile cache
+  (``kiln.runtime.compile_cache``) and loads it when the same model (same code path, weights, inputs and
+  options) is compiled again; False compiles every time;
 - ``prune`` (a target sparsity in [0, 1)): accepted and checked, then refused with ``UnsupportedError``
   naming the issue that builds it (``NOT_IMPLEMENTED``) until it lands; never silently ignored.
 ``None`` (the default) means off. ``backend_config()`` is what the backend's ``compile`` receives:
@@ -49,6 +52,7 @@ class CompileOptions:
     quantize: str | None = None
     prune: float | None = None
     tune_trials: int | None = None
+    compile_cache: bool = True
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> CompileOptions:
@@ -60,7 +64,7 @@ class CompileOptions:
         for key in ("target", "pipeline"):
             if key in d and not isinstance(d[key], str):
                 raise KilnInputError(f"option {key!r} must be a string, got {type(d[key]).__name__}")
-        for key in ("verify", "check"):
+        for key in ("verify", "check", "compile_cache"):
             if key in d and not isinstance(d[key], bool):
                 raise KilnInputError(f"option {key!r} must be True or False, got {d[key]!r}")
         if "backend_options" in d and not isinstance(d["backend_options"], dict):

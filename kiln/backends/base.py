@@ -4,7 +4,10 @@ Contract:
 - A backend subclasses ``Backend``: ``name``; ``supports(node) -> bool`` (which nodes it can compile;
   weights are data and always go with the partition that reads them); ``compile(graph, options) ->
   Executable`` where the graph is one partition and the executable is ``callable(*inputs) -> tuple``
-  returning the graph's outputs in order.
+  returning the graph's outputs in order. An executable with a ``graph_module`` attribute (an
+  ``fx.GraphModule``) computes exactly ``graph_module(*inputs)``: flat plans (``kiln.runtime.plan``)
+  inline it. ``cache_version()`` is a string that changes whenever what the backend builds may change
+  outside kiln's own code (its compiler's version, the machine it targets): part of compile-cache keys.
 - ``register_backend(name)`` registers a class; ``get_backend(name)`` instantiates it. A target that is
   built on an optional extra (``OPTIONAL_TARGETS``: ``tvm``) is imported on first use, and raises
   ``UnsupportedError`` naming the extra when it is not installed. A target planned but not built yet
@@ -53,6 +56,12 @@ class Backend(ABC):
     @abstractmethod
     def compile(self, graph: Graph, options: dict[str, Any]) -> Executable:
         """Compile one partition into a callable returning its outputs as a tuple."""
+
+    def cache_version(self) -> str:
+        """What besides kiln's source and the options decides this backend's output (compile-cache keys)."""
+        import torch
+
+        return f"torch {torch.__version__}"
 
 
 def register_backend(name: str):

@@ -29,7 +29,9 @@ Contract:
   output_scaled_atol=False) -> row`` (``output_scaled_atol``: compare with ``magnitude`` = the largest eager
   output element, ``kiln.numerics``' test for long accumulations such as a K=4096 GEMM): builds each contender
   (cold compile time = reset + build + first call, ``<c>_compile_s``; with ``warm_compile`` a second reset +
-  build + call, ``<c>_compile_warm_s``; Inductor's FX-graph-cache outcomes of the two are ``<c>_cold_cache`` and
+  build + call, ``<c>_compile_warm_s``, whose output is compared with eager too (the warm build is the one
+  timed); kiln's compile-cache outcomes ``<c>_compile_cache`` / ``<c>_compile_cache_warm``; Inductor's
+  FX-graph-cache outcomes of the two are ``<c>_cold_cache`` and
   ``<c>_warm_cache``: hit/miss/bypass counts). A build that raises is a failed cell (``<c>_correct`` False,
   ``<c>_error`` its first line), never a crash; ``UnsupportedError`` and ``ImportError`` (the contender is not
   in this build/install) also set ``<c>_unavailable``. Each output is compared with eager (``kiln.numerics``; a
@@ -262,16 +264,18 @@ GEMM_OPS = frozenset({"aten.mm", "aten.addmm", "aten.bmm", "aten.baddbmm", "aten
                       "mkldnn._convolution_pointwise.binary", "aten.scaled_dot_product_attention"})
 
 
+def _executables(compiled: Any) -> list:
+    """The backend executables of a ``kiln.compile`` result (one per partition; a compile-cache hit has one)."""
+    return list(getattr(getattr(compiled, "compiled", None), "executables", None) or [])
+
+
 def kernel_paths(compiled: Any) -> list[dict[str, Any]] | None:
     """Every ``kernel_paths`` entry ({"kernel", "path", "ops"}) of the backend executables inside a
     ``kiln.compile`` result (the TVM backend: path "tvm" for generated TIR, "torch" for PyTorch's kernels);
     None when no executable reports them."""
-    module = getattr(getattr(compiled, "compiled", None), "module", None)
-    if not isinstance(module, torch.nn.Module):
-        return None
     found: list[dict[str, Any]] | None = None
-    for m in module.modules():
-        paths = getattr(getattr(m, "fn", None), "kernel_paths", None)
+    for exe in _executables(compiled):
+        paths = getattr(exe, "kernel_paths", None)
         if paths is not None:
             found = (found or []) + [dict(p) for p in paths]
     return found
@@ -284,12 +288,9 @@ def tuning_totals(compiled: Any) -> dict[str, float] | None:
     """The backend executables' tuning summaries (the TVM backend's ``run.tuning``) summed over partitions:
     kernels tuned now, reused from the tuning database, fallen back; GEMM path choices measured/reused;
     seconds spent tuning. None when nothing was tuned (no executable reports a summary)."""
-    module = getattr(getattr(compiled, "compiled", None), "module", None)
-    if not isinstance(module, torch.nn.Module):
-        return None
     totals: dict[str, float] | None = None
-    for m in module.modules():
-        summary = getattr(getattr(m, "fn", None), "tuning", None)
+    for exe in _executables(compiled):
+        summary = getattr(exe, "tuning", None)
         if isinstance(summary, dict):
             totals = totals or dict.fromkeys(TUNING_COUNTS, 0)
             for key in TUNING_COUNTS:
@@ -352,12 +353,19 @@ def run_model(name: str, model: torch.nn.Module, inputs: tuple, contenders: list
             row[f"{c.name}_error"] = msg
         if c.kind == "kiln" and tuning_totals(fn) is not None:
             row[f"{c.name}_tuning"] = tuning_totals(fn)
+        if getattr(fn, "cache", None) is not None:
+            row[f"{c.name}_compile_cache"] = fn.cache
         if warm_compile and c.kind != "eager":
             before = _fxgraph_counters()
             try:
-                fn, _, row[f"{c.name}_compile_warm_s"] = _build_and_call(c, model, inputs)
+                fn, warm_out, row[f"{c.name}_compile_warm_s"] = _build_and_call(c, model, inputs)
                 if c.kind == "kiln" and tuning_totals(fn) is not None:
                     row[f"{c.name}_tuning_warm"] = tuning_totals(fn)
+                if getattr(fn, "cache", None) is not None:
+                    row[f"{c.name}_compile_cache_warm"] = fn.cache
+                msg = compare(warm_out, expected, "output of the warm build", magnitude=magnitude)
+                if msg is not None:  # the warm build is the one timed: it must be right too
+                    row[f"{c.name}_correct"], row[f"{c.name}_error"] = False, msg
             except Exception as e:  # the first build worked: keep it, report the second
                 row[f"{c.name}_warm_error"] = _first_line(e)
             if c.kind == "inductor":
@@ -504,7 +512,10 @@ def _cell_compile(row: dict[str, Any], name: str) -> str | None:
     cold, warm = row.get(f"{name}_compile_s"), row.get(f"{name}_compile_warm_s")
     if cold is None:
         return None
-    return f"{cold:.3g} / {warm:.3g}" if warm is not None else f"{cold:.3g}"
+    text = f"{cold:.3g} / {warm:.3g}" if warm is not None else f"{cold:.3g}"
+    if row.get(f"{name}_compile_cache_warm") == "hit":
+        text += " (cache hit)"
+    return text
 
 
 def display_rows(rows: list[dict[str, Any]], contenders: list[Contender]) -> tuple[list[dict], list[str],

@@ -4,6 +4,8 @@ Contract: ``atomic_write_bytes(path, data)`` / ``atomic_write_text(path, text)``
 file in the same directory, fsync, then ``os.replace`` it into place. ``atomic_dir(path)`` is a context
 manager yielding a temporary directory that replaces ``path`` as a whole on success and is removed on
 failure; it replaces whatever is at ``path``, so callers check first that this is what they mean.
+``kiln_cache_root()``: ``$KILN_CACHE_DIR``, else ``$XDG_CACHE_HOME/kiln`` (default ``~/.cache/kiln``): the
+root of every kiln cache (TVM kernels, tuning records, compiled models).
 """
 
 from __future__ import annotations
@@ -14,6 +16,13 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+
+def kiln_cache_root() -> Path:
+    env = os.environ.get("KILN_CACHE_DIR")
+    if env:
+        return Path(env)
+    return Path(os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")) / "kiln"
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

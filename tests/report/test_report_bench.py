@@ -268,21 +268,18 @@ def test_kernel_path_counts():
     fn.kernel_paths = [{"kernel": "a", "path": "tvm", "ops": ["aten.add"]},
                        {"kernel": "b", "path": "torch", "ops": ["aten.mm"]},
                        {"kernel": "c", "path": "tvm", "ops": ["aten.convolution.default", "aten.relu"]}]
-    holder = torch.nn.Module()
-    holder.part = torch.nn.Module()
-    holder.part.fn = fn
+    executables = [fn]
 
-    class Compiled:
-        compiled = type("CG", (), {"module": holder})()
+    class Compiled:  # a kiln.compile result: the backend executables, one per partition
+        compiled = type("CG", (), {"executables": executables})()
 
     assert kernel_path_counts(Compiled()) == {"torch": 1, "tvm": 2}
     assert kernel_path_counts(Compiled(), gemm_only=True) == {"torch": 1, "tvm": 1}
     assert tuning_totals(Compiled()) is None  # untuned
     fn.tuning = {"tuned": 2, "reused": 1, "fell_back": 0, "gemm_choices_measured": 1, "tuning_s": 3.5,
                  "kernels": [{}]}
-    holder.other = torch.nn.Module()
-    holder.other.fn = Fn()
-    holder.other.fn.tuning = {"tuned": 0, "reused": 4, "tuning_s": 0.0}
+    executables.append(Fn())
+    executables[1].tuning = {"tuned": 0, "reused": 4, "tuning_s": 0.0}
     assert tuning_totals(Compiled()) == {"tuned": 2, "reused": 5, "fell_back": 0, "gemm_choices_measured": 1,
                                          "gemm_choices_reused": 0, "tuning_s": 3.5}
     assert kernel_path_counts(object()) is None

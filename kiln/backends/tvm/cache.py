@@ -35,27 +35,16 @@ from typing import Any
 
 import tvm
 
+from kiln.errors import KilnCacheWarning  # noqa: F401  (re-exported: tests and tune_db import it from here)
 from kiln.ir.clone import clone_graph
 from kiln.ir.graph import Graph
 from kiln.ir.ops import WEIGHT
 from kiln.ir.printer import print_graph
-from kiln.runtime.files import atomic_write_text
+from kiln.runtime.files import atomic_write_text, kiln_cache_root
 
 from .te_ops import LOWERING_VERSION
 
 FORMAT_VERSION = 1
-
-
-class KilnCacheWarning(UserWarning):
-    """A cache entry was ignored (corrupt, foreign version, unreadable)."""
-
-
-def kiln_cache_root() -> Path:
-    """``$KILN_CACHE_DIR``, else ``$XDG_CACHE_HOME/kiln`` (default ``~/.cache/kiln``)."""
-    env = os.environ.get("KILN_CACHE_DIR")
-    if env:
-        return Path(env)
-    return Path(os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")) / "kiln"
 
 
 def cache_dir() -> Path:
