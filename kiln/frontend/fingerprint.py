@@ -12,6 +12,7 @@ Contract:
   the call record; every parameter and buffer (name, dtype, shape, strides and a sha256 of its bytes);
   the module tree (names, classes, training flags) and the sha256 of each module class's source file;
   the example inputs (dtype, shape, strides, values: calibration reads them) and ``dynamic_shapes``;
+  the output's structure (its pytree spec, container types included);
   torch's version, default dtype and grad mode. Two models with the same key make the same torch calls
   on the same weights, so they compile to the same program.
 - Refused (key None, never a guess): forward/pre-hooks anywhere (global or on a module), data-dependent
@@ -36,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.utils._pytree as pytree
 from torch.overrides import TorchFunctionMode
 
 FINGERPRINT_VERSION = "1"
@@ -277,7 +279,7 @@ def model_fingerprint(model: torch.nn.Module, example_inputs: tuple, dynamic_sha
         with torch.no_grad(), torch.device("meta"), recorder:
             out = torch.func.functional_call(model, meta_state, tuple(meta_inputs), strict=False)
         h.update(recorder.hash.digest())
-        h.update(f"output {recorder._result(out)}\n".encode())
+        h.update(f"output {recorder._result(out)} {pytree.tree_flatten(out)[1]}\n".encode())  # + container types
     except _Refuse as e:
         return Fingerprint(None, str(e), recorder.calls if recorder else 0)
     except Exception as e:  # the forward failed on meta tensors (data-dependent Python, a CPU-only op...)

@@ -3,7 +3,8 @@ exporting, optimizing and lowering again (issue 6: warm compile <= 1 s).
 
 Contract:
 - ``CompileCache.for_options(opts) -> CompileCache | None``: None when off: ``opts.compile_cache`` False,
-  ``$KILN_CACHE_DIR=off``, or ``backend_options["cache_dir"]`` False (kernels would not be on disk).
+  ``$KILN_CACHE_DIR=off``, ``backend_options["cache_dir"]`` False (kernels would not be on disk), or a
+  ``debug_dir`` (IR dumps of every pass need a real compile).
   Entries live in ``$KILN_CACHE_DIR/compiled`` (default ``~/.cache/kiln/compiled``).
 - ``cache.key(model, inputs, opts, dynamic_shapes) -> (key | None, reason)``: sha256 over the model's
   fingerprint (``kiln.frontend.fingerprint``), the options (without ``debug_dir``/``check``), kiln's own
@@ -71,6 +72,8 @@ class CompileCache:
     @classmethod
     def for_options(cls, opts) -> CompileCache | None:
         if not opts.compile_cache or os.environ.get("KILN_CACHE_DIR", "").lower() == "off":
+            return None
+        if opts.debug_dir:  # the user wants the IR of every pass: that takes a real compile
             return None
         if opts.backend_config().get("cache_dir") is False:
             return None

@@ -117,3 +117,22 @@ def test_refusals_name_their_reason():
     hooked.lin.register_forward_hook(lambda m, i, o: o * 2)
     fp = model_fingerprint(hooked, (x,))
     assert fp.key is None and "hook" in fp.reason
+
+
+def test_output_container_types_are_keyed():
+    import collections
+
+    A = collections.namedtuple("A", "y")
+    B = collections.namedtuple("B", "y")
+
+    class ReturnsA(nn.Module):
+        def forward(self, x):
+            return A(x + 1)
+
+    class ReturnsB(nn.Module):
+        def forward(self, x):
+            return B(x + 1)
+
+    ReturnsB.__qualname__ = ReturnsA.__qualname__  # same class name, same calls: only the container differs
+    x = torch.randn(2)
+    assert key(ReturnsA(), x) != key(ReturnsB(), x)

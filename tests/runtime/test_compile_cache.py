@@ -62,6 +62,7 @@ def test_changes_miss(cache_dir):
 def test_off_switches(cache_dir, monkeypatch):
     model, inputs = REGISTRY["mlp"]()
     assert kiln.compile(model, inputs, compile_cache=False).cache == "off: disabled"
+    assert kiln.compile(model, inputs, debug_dir=str(cache_dir.parent / "dumps")).cache == "off: disabled"
     monkeypatch.setenv("KILN_CACHE_DIR", "off")
     assert kiln.compile(model, inputs).cache == "off: disabled"
     assert not cache_dir.exists()
