@@ -21,6 +21,8 @@ Contract:
   (arbitrary objects; anything whose ``repr`` is an address), forwards that raise on meta tensors.
 - ``source_digest(package_dir)``: sha256 over a package's ``.py`` files (kiln's own code is part of every
   cache key: a changed compiler never reuses an old compile). Cached per process.
+- The forward runs once more, on meta tensors; a forward that changes its modules' state (a lazily built
+  cache, a counter) is refused and the state is put back as it was.
 - Costs one forward on meta tensors (about 0.1-0.2 ms per torch call) plus hashing the weights (about
   1 GB/s); no compute on data.
 """
@@ -211,6 +213,29 @@ def _named(fn: Any) -> str | None:
     return None if " at 0x" in text else text
 
 
+def _module_state(model: torch.nn.Module) -> list[tuple[torch.nn.Module, dict, dict]]:
+    """Every module's attributes, and the contents of its parameter/buffer/submodule tables."""
+    return [(m, dict(m.__dict__), {k: dict(m.__dict__[k]) for k in ("_parameters", "_buffers", "_modules")})
+            for m in model.modules()]
+
+
+def _restore(model: torch.nn.Module, state: list) -> str | None:
+    """Put back what the meta run changed (a lazily built cache would otherwise hold meta tensors); returns
+    what had changed, or None."""
+    changed = None
+    for m, attrs, tables in state:
+        now = m.__dict__
+        if now.keys() != attrs.keys() or any(now[k] is not v for k, v in attrs.items()) or any(
+                now[k].keys() != t.keys() or any(now[k][n] is not v for n, v in t.items()) for k, t in tables.items()):
+            changed = changed or type(m).__name__
+            now.clear()
+            now.update(attrs)
+            for k, t in tables.items():
+                now[k].clear()
+                now[k].update(t)
+    return changed
+
+
 def _hooks(model: torch.nn.Module) -> str | None:
     from torch.nn.modules import module as nn_module
 
@@ -276,8 +301,15 @@ def model_fingerprint(model: torch.nn.Module, example_inputs: tuple, dynamic_sha
         recorder = _Recorder(names)
         recorder.keep.extend(meta_state.values())
         recorder.keep.extend(meta_inputs)
-        with torch.no_grad(), torch.device("meta"), recorder:
-            out = torch.func.functional_call(model, meta_state, tuple(meta_inputs), strict=False)
+        before = _module_state(model)
+        try:
+            with torch.no_grad(), torch.device("meta"), recorder:
+                out = torch.func.functional_call(model, meta_state, tuple(meta_inputs), strict=False)
+        finally:
+            changed = _restore(model, before)
+        if changed is not None:
+            return Fingerprint(None, f"the forward changes module state ({changed}); it was restored",
+                               recorder.calls)
         h.update(recorder.hash.digest())
         h.update(f"output {recorder._result(out)} {pytree.tree_flatten(out)[1]}\n".encode())  # + container types
     except _Refuse as e:

@@ -113,8 +113,9 @@ class CompileCache:
             compiled = _load_entry(entry)
             os.utime(manifest_path)  # recently used: pruned last
             return compiled
-        except (ArtifactError, KilnError, OSError, ValueError, KeyError, TypeError) as e:
-            warnings.warn(f"kiln: ignoring compile cache entry {entry}: {e}", KilnCacheWarning, stacklevel=3)
+        except Exception as e:  # a cache never breaks a compile: any bad entry is a miss, said out loud
+            what = str(e) if isinstance(e, (ArtifactError, KilnError)) else f"{type(e).__name__}: {e}"
+            warnings.warn(f"kiln: ignoring compile cache entry {entry}: {what}", KilnCacheWarning, stacklevel=3)
             return None
 
     # -- storing ---------------------------------------------------------------------------------
@@ -129,6 +130,10 @@ class CompileCache:
             flat = flatten(compiled.compiled.module)
         except PlanUnsupported as e:
             return f"not cacheable: {e}"
+        except Exception as e:  # a cache never breaks a compile that worked
+            log.warning("kiln: could not flatten the compiled model for the compile cache: %s: %s",
+                        type(e).__name__, e)
+            return f"not cacheable: {type(e).__name__}: {e}"
         graph = compiled.graph
         executables = compiled.compiled.executables
         manifest = {
@@ -155,9 +160,9 @@ class CompileCache:
                                                 encoding="utf-8")
         except PlanUnsupported as e:
             return f"not cacheable: {e}"
-        except (OSError, TypeError, ValueError) as e:  # a full disk, a read-only cache: compile on
-            log.warning("kiln: could not write compile cache entry %s: %s", self.root / key, e)
-            return f"not written: {e}"
+        except Exception as e:  # a full disk, a read-only cache, a plan that does not run: compile on
+            log.warning("kiln: could not write compile cache entry %s: %s: %s", self.root / key, type(e).__name__, e)
+            return f"not written: {type(e).__name__}: {e}"
         self.prune(keep=key)
         return None
 

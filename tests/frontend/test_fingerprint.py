@@ -136,3 +136,17 @@ def test_output_container_types_are_keyed():
     ReturnsB.__qualname__ = ReturnsA.__qualname__  # same class name, same calls: only the container differs
     x = torch.randn(2)
     assert key(ReturnsA(), x) != key(ReturnsB(), x)
+
+
+def test_a_forward_that_changes_module_state_is_refused_and_restored():
+    class LazyTable(nn.Module):
+        def forward(self, x):
+            if not hasattr(self, "table"):  # a lazily built cache: the meta run would leave a meta tensor here
+                self.table = torch.arange(4.0)
+            return x + self.table
+
+    model = LazyTable()
+    fp = model_fingerprint(model, (torch.randn(2, 4),))
+    assert fp.key is None and "module state" in fp.reason
+    assert not hasattr(model, "table")
+    assert model(torch.zeros(1, 4)).tolist() == [[0.0, 1.0, 2.0, 3.0]]  # a real tensor, not a meta one
