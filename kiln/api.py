@@ -76,7 +76,7 @@ def check_inputs(graph_name: str, expected: list[tuple[str, Any]], inputs: tuple
     """``inputs`` against a graph's (value name, type) inputs: count, dtype, rank, static dims, and equal
     values for each symbolic dim; ``KilnInputError`` names the input."""
     if len(inputs) != len(expected):
-        sig = ", ".join(format_type(t) for _, t in expected)
+        sig = ", ".join(format_type(t) if t is not None else "?" for _, t in expected)
         raise KilnInputError(f"graph '{graph_name}' takes {len(expected)} input(s) ({sig}), "
                              f"got {len(inputs)}")
     bound: dict[sympy.Symbol, int] = {}
