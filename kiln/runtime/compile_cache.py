@@ -16,10 +16,12 @@ Contract:
   from the kernel cache) is a miss with a ``KilnCacheWarning`` naming the file and the reason, and the
   next store overwrites it. It never raises and never runs an entry whose files fail their checksums
   (CRC-32 and size, recorded in ``entry.json``).
-- ``cache.store(key, compiled, example_inputs) -> bool``: flattens the compiled model, reloads the plan
-  and checks it on the example inputs against the compiled model (bit-for-bit equal outputs) before
-  writing the entry atomically; a model whose plan cannot be written (``PlanUnsupported``: e.g.
-  quantized kernels, the arena executor) or does not reproduce the outputs is not cached (logged).
+- ``cache.store(key, compiled, example_inputs) -> str | None`` (None when stored, else why not): flattens
+  the compiled model, reloads the plan and checks it on the example inputs against the compiled model
+  (bit-for-bit equal outputs) before writing the entry atomically; once stored, ``compiled`` itself runs
+  the flat program too (cold and warm compiles run the same code); a model whose plan cannot be written
+  (``PlanUnsupported``: e.g. quantized kernels, the arena executor) or does not reproduce the outputs is
+  not cached (logged).
 - Entries hold the model's weights, so the cache is bounded: after a store, the least recently used
   entries (a hit counts as a use) are deleted until it holds at most ``$KILN_COMPILE_CACHE_MAX_GB``
   (default 4) GB (``prune``).
@@ -163,6 +165,10 @@ class CompileCache:
         except Exception as e:  # a full disk, a read-only cache, a plan that does not run: compile on
             log.warning("kiln: could not write compile cache entry %s: %s: %s", self.root / key, type(e).__name__, e)
             return f"not written: {type(e).__name__}: {e}"
+        # the compile that was just stored runs the same flat program a hit will: one straight-line fx
+        # program instead of nested modules (measured, interleaved: rnn 111.7 -> 97.2 ms, transformer
+        # 53.7 -> 51.6, gpt 96.0 -> 94.6); it reproduced the nested module's outputs bit for bit above
+        compiled.compiled.module = flat
         self.prune(keep=key)
         return None
 

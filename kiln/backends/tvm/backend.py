@@ -92,7 +92,7 @@ EXTERN_OPS = frozenset({
     "aten.cat",  # only the wide ones (te_ops.CAT_MAX_INPUTS) reach PyTorch: narrower ones are lowered
 })
 
-_KERNEL_CACHE: dict[tuple[str, str], Any] = {}
+_KERNEL_CACHE: dict[tuple[str, ...], Any] = {}
 
 
 def clear_process_caches() -> None:
@@ -347,7 +347,9 @@ def _kernel(graph: Graph, low: _Lowering) -> tuple[TVMKernel, dict]:
     if low.tuner is not None:
         kernel, info = low.tuner.kernel(graph)
     else:
-        key = (canonical_text(graph), str(cpu_target()), schedule_id(low.schedule))
+        # per disk cache too: a kernel served from memory must also be in this compile's cache, whose
+        # entries artifacts and compile-cache plans ship and reload
+        key = (canonical_text(graph), str(cpu_target()), schedule_id(low.schedule), str(low.disk.root))
         kernel, info = _KERNEL_CACHE.get(key), {}
         if kernel is None:
             kernel = _KERNEL_CACHE[key] = TVMKernel(graph, cpu_target(), low.schedule, cache=low.disk)
