@@ -46,6 +46,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from kiln.errors import ArtifactError, KilnCacheWarning, KilnError
+from kiln.runtime.artifact import _all_weights, _dump_spec, _load_spec
 
 log = logging.getLogger("kiln")
 
@@ -146,7 +147,7 @@ class CompileCache:
             "tuned": any(getattr(exe, "tuning", None) is not None for exe in executables),
             "kernel_paths": [p for exe in executables for p in getattr(exe, "kernel_paths", None) or []],
         }
-        weights = _graph_weights(graph)
+        weights = _all_weights(graph)
         try:
             with tempfile.TemporaryDirectory(prefix="kiln-plan-") as tmp, torch.no_grad():
                 save_plan(flat, tmp, extra_tensors=weights)
@@ -214,7 +215,7 @@ def _load_entry(entry: Path):
             raise ArtifactError(f"{entry / name}: checksum mismatch (corrupt or modified)")
     gm, weights = load_plan(entry)
     report = FallbackReport(**manifest["report"])
-    out_spec = _load_spec(manifest["out_spec"])
+    out_spec = _load_spec(manifest["out_spec"], manifest_path)
     inputs = [(name, _parse_type(t)) for name, t in manifest["inputs"]]
     graph_path = entry / GRAPH_FILE
 
@@ -268,12 +269,6 @@ class _Run:
         return self.graph_module(*inputs)
 
 
-def _graph_weights(graph) -> dict[str, torch.Tensor]:
-    from kiln.runtime.artifact import _all_weights
-
-    return _all_weights(graph)
-
-
 def _same(a: Any, b: Any) -> bool:
     la, lb = pytree.tree_leaves(a), pytree.tree_leaves(b)
     return len(la) == len(lb) and all(
@@ -312,11 +307,3 @@ def _parse_type(spec: Any):
         dims.append(d if isinstance(d, int) else sympy.Symbol(d, integer=True, positive=True) if d else
                     sympy.Dummy(integer=True, positive=True))
     return TensorType(tuple(dims), getattr(torch, spec["dtype"]), spec["layout"])
-
-
-def _dump_spec(spec) -> Any:
-    return None if spec is None else json.loads(pytree.treespec_dumps(spec))
-
-
-def _load_spec(data: Any):
-    return None if data is None else pytree.treespec_loads(json.dumps(data))
