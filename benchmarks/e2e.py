@@ -13,7 +13,9 @@ one, which does not fit the smoke test's two minutes; names as in ``kiln.report.
   package is missing or a compile fails the cell says so and the run goes on;
 - ``kiln-tvm``: ``kiln.compile(target="tvm", pipeline=O2)``, kiln's default schedules (no tuning);
 - ``kiln-tvm-tuned``: the same with ``tune_trials=N`` (``--tune-trials``, default 32; 2 with ``--quick``):
-  MetaSchedule tuning with the persistent tuning database. Where kiln refuses the option
+  MetaSchedule tuning with the persistent tuning database, GEMM/conv on PyTorch's MKL/oneDNN kernels
+  (``--tuned-gemm torch``, the default: they won every TIR-against-PyTorch measurement so far, and the
+  ``auto`` choice tunes and times every GEMM/conv in TIR too, ~13 min for resnet18 alone). Where kiln refuses the option
   (``UnsupportedError``) the cell is reported unavailable with that reason.
 Any ``kiln``, ``kiln-<target>`` or ``kiln-<target>-tuned`` name works too (e.g. ``kiln`` = reference target).
 
@@ -43,6 +45,8 @@ Inductor+freezing and OpenVINO) are geomeans over the models where both sides ma
 ``warm_compile_s_max`` is that contender's slowest warm compile; ``all_correct`` says every available kiln
 cell matched eager; ``unavailable`` lists contenders that are not built/installed, with the reason;
 ``by_contender`` has the same figures for every contender. Exit status 1 when ``all_correct`` is false.
+After each model the tables so far go to stderr and the JSON is rewritten (``meta.complete`` false until the
+last model), so a stopped run keeps what it measured.
 """
 
 from __future__ import annotations
@@ -87,6 +91,10 @@ def main(argv: list[str] | None = None) -> int:
                                          "always included")
     ap.add_argument("--tune-trials", type=int, help="MetaSchedule trials for *-tuned contenders (default 32, "
                                                     "2 with --quick)")
+    ap.add_argument("--tuned-gemm", choices=("torch", "auto", "tvm"), default="torch",
+                    help="the tuned contenders' GEMM/conv path (backend option gemm; default torch: MKL/oneDNN, "
+                         "TVM tunes the other kernels; auto also tunes every GEMM/conv in TIR and times it "
+                         "against PyTorch's, ~13 min for resnet18 alone at 4 trials)")
     ap.add_argument("--pipeline", default="O2", help="kiln pass pipeline (default O2)")
     ap.add_argument("--cache-dir", help="keep kiln's and Inductor's caches here (default: a fresh temporary "
                                         "directory per run)")
@@ -98,7 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     trials = tune_trials(ap, args.tune_trials, 2 if args.quick else 32)
     default = QUICK_CONTENDERS if args.quick else DEFAULT_CONTENDERS
     wanted = ["eager"] + [n for n in (args.contenders.split(",") if args.contenders else default) if n and n != "eager"]
-    contenders = [named_contender(n, pipeline=args.pipeline, tune_trials=trials) for n in dict.fromkeys(wanted)]
+    contenders = [named_contender(n, pipeline=args.pipeline, tune_trials=trials,
+                                  backend_options={"gemm": args.tuned_gemm} if n.endswith("-tuned") else None)
+                  for n in dict.fromkeys(wanted)]
     size = "small" if args.quick else "bench"
     reps = args.reps or (5 if args.quick else 20)
     warmup = args.warmup if args.warmup is not None else 3
@@ -113,6 +123,13 @@ def main(argv: list[str] | None = None) -> int:
             os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_root / "inductor")
         torch.set_num_threads(THREADS)
         peaks = measure_machine(quick=args.quick)
+
+        def meta(complete: bool) -> dict:
+            return {"complete": complete, "size": size, "quick": args.quick, "threads": THREADS,
+                    "tune_trials": trials, "tuned_gemm": args.tuned_gemm, "pipeline": args.pipeline,
+                    "caches": _caches_note(cache_root, fresh), "caches_fresh": fresh, "thread_env": THREAD_ENV,
+                    "machine": vars(peaks)}
+
         print(f"e2e: {len(names)} models, size {size}, {reps} reps after {warmup} warm-up rounds, {THREADS} "
               f"threads; contenders: {', '.join(c.name for c in contenders)}; caches: "
               f"{_caches_note(cache_root, fresh)}; {THREAD_ENV}", file=sys.stderr)
@@ -121,7 +138,14 @@ def main(argv: list[str] | None = None) -> int:
             model, inputs = REGISTRY[name](size=size, seed=0)
             rows.append(run_model(name, model, inputs, contenders, warmup=warmup, reps=reps, peaks=peaks,
                                   warm_compile=args.warm or not args.quick))
-            print(f"  {name}: done", file=sys.stderr)
+            # a long run (tuning) that is stopped keeps what it measured: the tables so far go to stderr and
+            # the JSON is rewritten after every model, marked incomplete until the last one
+            print(f"  {name}: done; results so far:", file=sys.stderr)
+            print_results(rows, summarize(rows, contenders), contenders,
+                          out=lambda line: print(line, file=sys.stderr))
+            if args.json:
+                write_json(args.json, rows, summarize(rows, contenders), contenders,
+                           meta(complete=len(rows) == len(names)))
     finally:
         for k, v in saved_env.items():
             if v is None:
@@ -134,11 +158,6 @@ def main(argv: list[str] | None = None) -> int:
     print_results(rows, summary, contenders)
     print(f"roofline peaks: {peaks.source}")
     if args.json:
-        write_json(args.json, rows, summary, contenders,
-                   {"size": size, "quick": args.quick, "threads": THREADS, "tune_trials": trials,
-                    "pipeline": args.pipeline, "caches": _caches_note(cache_root, fresh), "caches_fresh": fresh,
-                    "thread_env": THREAD_ENV,
-                    "machine": vars(peaks)})
         print(f"wrote {args.json}")
     return 0 if summary["all_correct"] else 1
 

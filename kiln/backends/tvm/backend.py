@@ -41,7 +41,8 @@ Contract:
   the artifact passes them back as ``options["prebuilt_dir"]``, read before the user's caches, so a load
   on the same target compiles, tunes and measures nothing (another CPU gives other keys and rebuilds).
 - Tuning (``tune.py``): ``options["tune_trials"] = N`` (int >= 0; None/0 = untuned) tunes every TVM kernel
-  with MetaSchedule, N measured candidates per kernel, keeping the faster of the tuned and untuned
+  with MetaSchedule, N measured candidates per kernel (fewer when the search is exhausted, or after
+  ``options["tune_kernel_s"]`` seconds, default 90, per kernel), keeping the faster of the tuned and untuned
   schedules; records persist in ``tune_db.TuningDatabase`` (``options["tuning_dir"]``: a directory, or
   False for memory only; default ``$KILN_CACHE_DIR/tvm-tuning``, off when ``cache_dir`` is False).
   With tuning on, GEMM/conv (``te_ops.GEMM_OPS``) may run in TIR: ``options["gemm"]`` = ``"auto"``
@@ -78,7 +79,7 @@ from .packed_conv import pack_convolutions
 from .packed_gemm import pack_linear_weights, view_key
 from .schedule import schedule_cpu
 from .te_ops import GEMM_OPS, can_lower
-from .tune import KernelTuner, gemm_mode, tuning_enabled
+from .tune import KernelTuner, gemm_mode, tune_kernel_seconds, tuning_enabled
 from .tune_db import TuningDatabase
 
 # Ops PyTorch runs inside a TVM partition: its GEMM/conv kernels (MKL, oneDNN) beat untuned TIR by far
@@ -437,7 +438,7 @@ class TVMBackend(Backend):
         if trials:
             db_root = options.get("tuning_dir", False if options.get("cache_dir") is False else None)
             db = TuningDatabase(db_root, cpu_target(), prebuilt=prebuilt)
-            low.tuner = KernelTuner(trials, cpu_target(), low.disk, db)
+            low.tuner = KernelTuner(trials, cpu_target(), low.disk, db, time_s=tune_kernel_seconds(options))
         g = clone_graph(graph)
         _gemm_weights_row_major(g, {})
         _sink_views(g)

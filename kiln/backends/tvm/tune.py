@@ -1,12 +1,16 @@
 """MetaSchedule tuning of kiln's TIR kernels, with a persistent record per workload and a measured choice.
 
 Contract:
-- ``tune_prim_func(func, target, trials, seed=0) -> (trace_json, best_seconds) | None``: MetaSchedule
-  (one ``TuneContext`` through ``tune_tasks``, evolutionary search) measures up to ``trials`` candidate schedules
-  of ``func`` — the budget is per kernel: one kernel is one MetaSchedule task, ``trials`` is its
-  ``max_trials_global`` — and returns the best one's trace (TVM's JSON, as a string) and its measured
-  time, or None when no candidate built and ran. Candidates are built and timed *in this process*
-  (``InProcessBuilder``/``InProcessRunner``): MetaSchedule's popen workers re-import TVM's tensor
+- ``tune_prim_func(func, target, trials, seed=0, time_s=90) -> (trace_json, best_seconds, stopped) | None``:
+  MetaSchedule (one ``TuneContext`` through ``tune_tasks``, evolutionary search) measures up to ``trials``
+  candidate schedules of ``func`` — the budget is per kernel: one kernel is one MetaSchedule task, ``trials``
+  is its ``max_trials_global`` — and returns the best one's trace (TVM's JSON, as a string) and its measured
+  time, or None when no candidate built and ran. The search also stops after a round that measured no new
+  candidate (MetaSchedule alone would re-sample forever on a design space smaller than ``trials``: seen
+  here on a Mamba epilogue kernel, ~20 s a round) or after the round that passes ``time_s`` seconds (the
+  backend option ``tune_kernel_s``); ``stopped`` then says which. Kernels of more than ``MAX_TUNED_OPS``
+  ops are not tuned at all (kiln's default schedule; ``stopped`` says so). Candidates are built and timed
+  *in this process* (``InProcessBuilder``/``InProcessRunner``): MetaSchedule's popen workers re-import TVM's tensor
   intrinsics per worker (measured here: ~45 s per build on 2 busy cores, every build timed out at 30 s).
   The cost model is XGBoost when ``xgboost`` is installed, else MetaSchedule's random model (the search
   still runs its evolutionary rounds over valid candidates); the population shrinks with the budget
@@ -151,6 +155,43 @@ def _make_builder_runner():
     return InProcessBuilder(), InProcessRunner(), ms
 
 
+DEFAULT_KERNEL_TIME_S = 90.0  # a kernel's MetaSchedule search stops after the round that passes this
+# Kernels of more ops than this are not given to MetaSchedule: its design space grows with the blocks, and a
+# Mamba scan kernel (383 ops, 385 blocks: the time loop unrolled) did not finish generating its first
+# candidates in minutes, at 13 GB of memory. Such a kernel keeps kiln's default schedule.
+MAX_TUNED_OPS = 64
+
+
+def _stop_callback(deadline_s: float, trials: int):
+    """A measure callback that ends the (single) task when a search round brought no new candidate — the
+    evolutionary search found no unmeasured schedule: a tiny design space, e.g. a scan kernel, where
+    MetaSchedule would otherwise re-sample its population (~20 s a round here) forever, since its task ends
+    only after ``max_trials`` measurements — or when the kernel's time budget (seconds from now) is spent
+    before its ``trials``.
+    ``.stopped`` says why it stopped (None: the trial budget ended it)."""
+    from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
+
+    @derived_object
+    class StopWhenDone(PyMeasureCallback):
+        def __init__(self):
+            self.deadline = time.perf_counter() + deadline_s
+            self.stopped: str | None = None
+            self.measured = 0
+
+        def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results):
+            if self.stopped is not None:
+                return
+            self.measured += len(measure_candidates)
+            if not measure_candidates:
+                self.stopped = f"search exhausted after {self.measured} candidates"
+            elif self.measured < trials and time.perf_counter() > self.deadline:
+                self.stopped = f"time budget of {deadline_s:g} s spent after {self.measured} candidates"
+            if self.stopped is not None:
+                task_scheduler.terminate_task(task_id)
+
+    return StopWhenDone()
+
+
 def _random_tvm_tensor(info):
     shape = [int(d) for d in info.shape]
     dtype = str(info.dtype)
@@ -177,8 +218,10 @@ def population_size(trials: int) -> int:
     return min(512, max(64, 8 * trials))
 
 
-def tune_prim_func(func, target, trials: int, seed: int = 0) -> tuple[str, float] | None:
-    """Tune ``func`` with ``trials`` measured candidates; (trace json, best seconds) or None."""
+def tune_prim_func(func, target, trials: int, seed: int = 0,
+                   time_s: float = DEFAULT_KERNEL_TIME_S) -> tuple[str, float, str | None] | None:
+    """Tune ``func`` with ``trials`` measured candidates (fewer when the search is exhausted or ``time_s``
+    is spent); (trace json, best seconds, why it stopped early or None) or None."""
     _load_cpu_intrinsics()
     builder, runner, ms = _make_builder_runner()
     func = strip_layout_free(func)
@@ -193,14 +236,17 @@ def tune_prim_func(func, target, trials: int, seed: int = 0) -> tuple[str, float
                        task_name="main", rand_state=seed,
                        num_threads=max(1, int(target.attrs.get("num-cores", 1))),
                        logger=logging.getLogger("kiln.backends.tvm.metaschedule")).clone()
+    stop = _stop_callback(time_s, trials)
     with tempfile.TemporaryDirectory(prefix="kiln-tune-") as work_dir:
         database = ms.tune.tune_tasks(
             tasks=[task], task_weights=[1.0], work_dir=work_dir, max_trials_global=trials,
             num_trials_per_iter=trials_per_round(trials), builder=builder, runner=runner,
             database=ms.database.MemoryDatabase(), cost_model=_cost_model(),
-            measure_callbacks=[ms.measure_callback.AddToDatabase(), ms.measure_callback.UpdateCostModel()],
+            measure_callbacks=[ms.measure_callback.AddToDatabase(), ms.measure_callback.UpdateCostModel(), stop],
             task_scheduler="round-robin")
     _BUILT.clear()
+    if stop.stopped is not None:
+        log.info("MetaSchedule stopped early (%s)", stop.stopped)
     mod = tvm.IRModule({"main": func})
     workload = database.commit_workload(mod)
     top = database.get_top_k(workload, 1)
@@ -208,7 +254,7 @@ def tune_prim_func(func, target, trials: int, seed: int = 0) -> tuple[str, float
         return None
     best = top[0]
     seconds = [float(s) for s in best.run_secs] if best.run_secs is not None else []
-    return tvm.ir.save_json(best.trace.as_json()), (min(seconds) if seconds else float("nan"))
+    return tvm.ir.save_json(best.trace.as_json()), (min(seconds) if seconds else float("nan")), stop.stopped
 
 
 PREPARATIONS = ("none", "inline")
@@ -301,6 +347,7 @@ class TunerStats:
     tuned: int = 0        # kernels tuned in this compile
     reused: int = 0       # kernels whose record came from the database
     fell_back: int = 0    # tunings that found nothing valid: kiln's default schedule
+    skipped: int = 0      # kernels too large to tune (MAX_TUNED_OPS): kiln's default schedule
     choices: int = 0      # GEMM/conv TIR-vs-PyTorch choices measured in this compile
     choices_reused: int = 0
     tuning_s: float = 0.0
@@ -309,8 +356,9 @@ class TunerStats:
 
 class KernelTuner:
     def __init__(self, trials: int, target, kernel_cache: KernelCache | None, db: TuningDatabase,
-                 seed: int = 0):
+                 seed: int = 0, time_s: float = DEFAULT_KERNEL_TIME_S):
         self.trials, self.target, self.kernel_cache, self.db, self.seed = trials, target, kernel_cache, db, seed
+        self.time_s = time_s
         self.stats = TunerStats()
         self._bar = None
 
@@ -351,7 +399,8 @@ class KernelTuner:
                 self.db.put(key, record)
                 kernel = self._build(graph, record, strict=True)
             info.update(tuned=record["choice"] == "tuned", tuned_s=record.get("tuned_s"),
-                        untuned_s=record.get("untuned_s"), trials=record["trials"])
+                        untuned_s=record.get("untuned_s"), trials=record["trials"],
+                        **({"stopped": record["stopped"]} if record.get("stopped") else {}))
             ops = sorted({n.op.name.removeprefix("aten.") for n in graph.nodes if n.op is not WEIGHT})
             self.stats.kernels.append({"kernel": graph.name, "ops": ",".join(ops), **info})
             return kernel, info
@@ -373,11 +422,19 @@ class KernelTuner:
             return None
 
     def _tune(self, graph: Graph, lowered) -> dict:
+        ops = sum(n.op is not WEIGHT for n in graph.nodes)
+        if ops > MAX_TUNED_OPS:
+            untuned = TVMKernel(graph, self.target, schedule_cpu, cache=self.kernel_cache)
+            self.stats.skipped += 1
+            return {"trials": self.trials, "choice": "untuned", "trace": None, "tuned_s": None,
+                    "untuned_s": measure(untuned, random_inputs(untuned.input_types, self.seed)),
+                    "stopped": f"not tuned: {ops} ops, over MAX_TUNED_OPS={MAX_TUNED_OPS}"}
         start = time.perf_counter()
         found, failures, preparation = None, [], "none"
         for preparation in PREPARATIONS:
             try:
-                found = tune_prim_func(prepare(lowered, preparation), self.target, self.trials, self.seed)
+                found = tune_prim_func(prepare(lowered, preparation), self.target, self.trials, self.seed,
+                                       time_s=self.time_s)
             except Exception as e:  # TVM's rules reject some workloads; the next form, or kiln's schedule
                 failures.append(f"{preparation}: MetaSchedule failed: {type(e).__name__}: "
                                 f"{str(e).splitlines()[0][:200]}")
@@ -396,14 +453,14 @@ class KernelTuner:
                           "using kiln's default schedule", KilnTuningWarning, stacklevel=4)
             return {"trials": self.trials, "choice": "untuned", "trace": None, "tuned_s": None,
                     "untuned_s": untuned_s, "failure": failure}
-        trace, ms_best_s = found
+        trace, ms_best_s, stopped = found
         self.stats.tuned += 1
         tuned = TVMKernel(graph, self.target, TracedSchedule(trace, preparation), cache=self.kernel_cache)
         times = measure_against({"tuned": tuned, "untuned": untuned}, inputs)
         tuned_s, untuned_s = times["tuned"], times["untuned"]
         return {"trials": self.trials, "choice": "tuned" if tuned_s <= untuned_s else "untuned", "trace": trace,
                 "preparation": preparation, "tuned_s": tuned_s, "untuned_s": untuned_s,
-                "metaschedule_s": ms_best_s}
+                "metaschedule_s": ms_best_s, **({"stopped": stopped} if stopped else {})}
 
     def choose(self, workload_text: str, name: str, build: Callable[[str], Callable],
                inputs_types: Sequence[TensorType]) -> tuple[str, Callable, dict]:
@@ -438,6 +495,7 @@ class KernelTuner:
         speedups = [k["untuned_s"] / k["tuned_s"] for k in s.kernels
                     if k.get("tuned_s") and k.get("untuned_s")]
         return {"trials_per_kernel": self.trials, "tuned": s.tuned, "reused": s.reused, "fell_back": s.fell_back,
+                "skipped": s.skipped,
                 "gemm_choices_measured": s.choices, "gemm_choices_reused": s.choices_reused,
                 "tuning_s": round(s.tuning_s, 3),
                 "speedup_vs_untuned_geomean": (float(np.exp(np.mean(np.log(speedups)))) if speedups else None),
@@ -446,7 +504,8 @@ class KernelTuner:
     def print_summary(self) -> None:
         summary = self.summary()
         line = (f"TVM tuning: {summary['tuned']} kernels tuned, {summary['reused']} reused from the database, "
-                f"{summary['fell_back']} fell back to the default schedule, {summary['tuning_s']:.1f} s tuning"
+                f"{summary['fell_back']} fell back to the default schedule, {summary['skipped']} too large to "
+                f"tune, {summary['tuning_s']:.1f} s tuning"
                 f"; GEMM/conv choices: {summary['gemm_choices_measured']} measured, "
                 f"{summary['gemm_choices_reused']} reused")
         if not progress_enabled() or not summary["kernels"]:
@@ -481,6 +540,16 @@ def tuning_enabled(options: dict) -> int:
     if isinstance(trials, bool) or not isinstance(trials, int) or trials < 0:
         raise KilnInputError(f"tune_trials must be an integer >= 0 (trials per kernel), got {trials!r}")
     return trials
+
+
+def tune_kernel_seconds(options: dict) -> float:
+    """The validated ``tune_kernel_s`` option: MetaSchedule's time budget per kernel, in seconds."""
+    from kiln.errors import KilnInputError
+
+    value = options.get("tune_kernel_s", DEFAULT_KERNEL_TIME_S)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise KilnInputError(f"tune_kernel_s must be a number of seconds > 0 (per kernel), got {value!r}")
+    return float(value)
 
 
 GEMM_MODES = ("auto", "tvm", "torch")

@@ -15,7 +15,7 @@ from kiln.backends.driver import compile_graph  # noqa: E402
 from kiln.backends.tvm import backend as tvm_backend  # noqa: E402
 from kiln.backends.tvm import tune as tune_mod  # noqa: E402
 from kiln.backends.tvm.cache import KernelCache, KilnCacheWarning  # noqa: E402
-from kiln.backends.tvm.kernel import build_kernel, cpu_target  # noqa: E402
+from kiln.backends.tvm.kernel import build_kernel, cpu_target, graph_prim_func  # noqa: E402
 from kiln.backends.tvm.packed_gemm import MKL_LINEAR  # noqa: E402
 from kiln.backends.tvm.te_ops import GEMM_OPS, can_lower  # noqa: E402
 from kiln.backends.tvm.tune import (  # noqa: E402
@@ -286,10 +286,42 @@ def test_untuned_compile_keeps_gemm_in_pytorch(tmp_path):
     assert not (tmp_path / "tuning").exists()
 
 
-@pytest.mark.parametrize("options", [{"tune_trials": -1}, {"tune_trials": "8"}, {"tune_trials": 4, "gemm": "x"}])
+@pytest.mark.parametrize("options", [{"tune_trials": -1}, {"tune_trials": "8"}, {"tune_trials": 4, "gemm": "x"},
+                                     {"tune_trials": 4, "tune_kernel_s": 0}, {"tune_trials": 4, "tune_kernel_s": "9"}])
 def test_bad_options_raise(tmp_path, options):
     with pytest.raises(KilnInputError):
         compile_graph(_epilogue_model(), "tvm", {"cache_dir": tmp_path, **options})
+
+
+def test_search_that_runs_out_of_candidates_stops_before_its_trial_budget():
+    # a one-element kernel has a handful of schedules: MetaSchedule alone would re-sample its population
+    # forever waiting for 64 distinct candidates; kiln's callback ends the task after a round with none
+    graph = _graph([(1,)], lambda b, x: b.call(aten.relu, x))
+    trace, seconds, stopped = tune_mod.tune_prim_func(graph_prim_func(graph), cpu_target(), 64)
+    assert seconds > 0 and stopped.startswith("search exhausted after ")
+    assert int(stopped.split()[3]) < 64
+
+
+def test_search_stops_after_the_round_that_spends_its_time_budget(tmp_path, monkeypatch):
+    monkeypatch.setattr(tune_mod, "trials_per_round", lambda trials: 4)
+    graph = _graph([(64, 64)], lambda b, x: b.call(aten.relu, b.call(aten.mm, x, b.weight("w", torch.randn(64, 64)))))
+    tuner = KernelTuner(64, cpu_target(), KernelCache(False), TuningDatabase(tmp_path, cpu_target()), time_s=1e-6)
+    kernel, info = tuner.kernel(graph)  # the first round's candidates, then the budget ends the search
+    assert info["stopped"] == "time budget of 1e-06 s spent after 4 candidates"
+    x = torch.randn(64, 64)
+    assert_match(kernel(x)[0], torch.relu(x @ graph.weights["w"]))
+
+
+def test_kernel_over_the_op_limit_keeps_the_default_schedule_untuned(tmp_path, monkeypatch):
+    calls = _count_tunings(monkeypatch)
+    monkeypatch.setattr(tune_mod, "MAX_TUNED_OPS", 1)
+    tuner = KernelTuner(TRIALS, cpu_target(), KernelCache(False), TuningDatabase(tmp_path, cpu_target()))
+    graph = _mm_relu()
+    kernel, info = tuner.kernel(graph)
+    assert not calls and not info["tuned"] and info["untuned_s"] > 0 and tuner.summary()["skipped"] == 1
+    assert info["stopped"] == "not tuned: 2 ops, over MAX_TUNED_OPS=1"
+    x = torch.randn(8, 32)
+    assert_match(kernel(x)[0], torch.relu(x @ graph.weights["fc.w"]))
 
 
 def test_record_keys_separate_kinds_and_targets():
