@@ -20,7 +20,7 @@ Contract:
   the compiled model, reloads the plan and checks it on the example inputs against the compiled model
   (bit-for-bit equal outputs) before writing the entry atomically; once stored, ``compiled`` itself runs
   the flat program too (cold and warm compiles run the same code); a model whose plan cannot be written
-  (``PlanUnsupported``: e.g. quantized kernels, the arena executor) or does not reproduce the outputs is
+  (``PlanUnsupported``: e.g. an opaque closure, the arena executor) or does not reproduce the outputs is
   not cached (logged).
 - Entries hold the model's weights, so the cache is bounded: after a store, the least recently used
   entries (a hit counts as a use) are deleted until it holds at most ``$KILN_COMPILE_CACHE_MAX_GB``

@@ -140,7 +140,8 @@ def lower_graph(graph: Graph) -> tuple[list[te.Tensor], list[te.Tensor], list[to
         t = env[v]
         if is_channels_last(v.type):  # written in NHWC order (its loop nest then runs in memory order)
             t = _to_nhwc(t)
-        elif t in params or id(t) in seen:  # a parameter or a repeated output needs its own buffer
+        elif any(t.same_as(p) for p in params) or id(t) in seen:  # a parameter or a repeated output needs
+            # its own buffer (same_as: ``in`` would call te's ``==``, which refuses rank-0 tensors)
             t = te.compute(t.shape, lambda *i, t=t: t(*i), name="out_copy")
         seen.add(id(t))
         outs.append(t)

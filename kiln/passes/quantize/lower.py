@@ -189,11 +189,34 @@ def _needs_zero_weight_zps(a: dict) -> str | None:
     return None if not bool(_const(a["w_zps"]).any()) else "weight zero points must be 0"
 
 
+def onednn_qconv_pack(spec: dict, sources: list[torch.Tensor]) -> torch.Tensor:
+    """oneDNN's packed int8 convolution weight (``onednn.qconv_prepack`` of ``sources = [qw, w_scales]``) for
+    the convolution ``spec`` describes; it carries its recipe (``kiln_recipe``), so a flat plan (the compile
+    cache) stores the integers and packs them again on load."""
+    packed = torch.ops.onednn.qconv_prepack(sources[0], sources[1], spec["x_scale"], spec["x_zp"], spec["stride"],
+                                            spec["padding"], spec["dilation"], spec["groups"], spec["input_shape"])
+    packed.kiln_recipe = (onednn_qconv_pack, dict(spec), list(sources))
+    return packed
+
+
+def onednn_qlinear_pack(spec: dict, sources: list[torch.Tensor]) -> torch.Tensor:
+    """oneDNN's packed int8 linear weight (``onednn.qlinear_prepack`` of ``sources = [qw]``), with its recipe."""
+    packed = torch.ops.onednn.qlinear_prepack(sources[0], spec["x2d"])
+    packed.kiln_recipe = (onednn_qlinear_pack, dict(spec), list(sources))
+    return packed
+
+
+def _linear_pack(qw: Value, x_shape: list[int] | None) -> torch.Tensor:
+    x2d = [int(torch.tensor(x_shape[:-1]).prod()), x_shape[-1]] if x_shape else None
+    return onednn_qlinear_pack({"x2d": x2d}, [_const(qw).contiguous()])
+
+
 def _onednn_conv(b: Builder, a: dict) -> Value:
     qx = a["qx"]
-    packed = torch.ops.onednn.qconv_prepack(
-        _const(a["qw"]).contiguous(), _const(a["w_scales"]), a["x_scale"], a["x_zp"], a["stride"], a["padding"],
-        a["dilation"], a["groups"], _static_shape(qx))
+    spec = {"x_scale": float(a["x_scale"]), "x_zp": int(a["x_zp"]), "stride": list(a["stride"]),
+            "padding": list(a["padding"]), "dilation": list(a["dilation"]), "groups": int(a["groups"]),
+            "input_shape": _static_shape(qx)}
+    packed = onednn_qconv_pack(spec, [_const(a["qw"]).contiguous(), _const(a["w_scales"])])
     pw = _add_weight(b, _weight_name(a["qw"]) + ".onednn", packed)
     wz = _add_weight(b, _weight_name(a["w_zps"]) + ".i64", _const(a["w_zps"]).to(torch.int64))
     common = (qx, a["x_scale"], a["x_zp"], pw, a["w_scales"], wz)
@@ -214,10 +237,7 @@ def _onednn_conv(b: Builder, a: dict) -> Value:
 
 def _onednn_linear(b: Builder, a: dict) -> Value:
     qx = a["qx"]
-    shape = _static_shape(qx)
-    x2d = [int(torch.tensor(shape[:-1]).prod()), shape[-1]] if shape else None
-    packed = torch.ops.onednn.qlinear_prepack(_const(a["qw"]).contiguous(), x2d)
-    pw = _add_weight(b, _weight_name(a["qw"]) + ".onednn", packed)
+    pw = _add_weight(b, _weight_name(a["qw"]) + ".onednn", _linear_pack(a["qw"], _static_shape(qx)))
     wz = _add_weight(b, _weight_name(a["w_zps"]) + ".i64", _const(a["w_zps"]).to(torch.int64))
     common = (qx, a["x_scale"], a["x_zp"], pw, a["w_scales"], wz)
     other, out_dtype = a["other"], a["out_dtype"]
@@ -292,10 +312,7 @@ def _onednn_dynamic_linear(b: Builder, a: dict) -> Value:
     zp = b.call(aten._to_copy, zp, dtype=I32)
     t = b.call(aten.add.Tensor, b.call(aten.round, b.call(aten.div.Tensor, x, scale)), zp)
     qx = b.call(aten._to_copy, b.call(aten.clamp, t, qmin, qmax), dtype=torch.uint8)
-    shape = _static_shape(x)
-    x2d = [int(torch.tensor(shape[:-1]).prod()), shape[-1]] if shape else None
-    pw = _add_weight(b, _weight_name(a["qw"]) + ".onednn", torch.ops.onednn.qlinear_prepack(
-        _const(a["qw"]).contiguous(), x2d))
+    pw = _add_weight(b, _weight_name(a["qw"]) + ".onednn", _linear_pack(a["qw"], _static_shape(x)))
     wz = _add_weight(b, _weight_name(a["w_zps"]) + ".i64", _const(a["w_zps"]).to(torch.int64))
     return b.call(get_op("onednn.qlinear_pointwise.tensor"), qx, scale, zp, pw, a["w_scales"], wz, a["bias"], 1.0, 0,
                   F32, "none", [], "")

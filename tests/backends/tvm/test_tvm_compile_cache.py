@@ -52,6 +52,21 @@ def test_hit_runs_the_same_program(cache_dir, monkeypatch, name):
     assert kernel_paths(warm) == kernel_paths(cold)
 
 
+@pytest.mark.parametrize("name, scheme", [("resnet18", "int8"), ("mlp", "int8-dynamic")])
+def test_quantized_model_hit_runs_the_same_program(cache_dir, monkeypatch, name, scheme):
+    # oneDNN's packed int8 weights are rebuilt from their recipe; int8-dynamic on tvm also lowers a rank-0
+    # scale output (te's == refuses rank-0 tensors: kernel.lower_graph compares by identity)
+    model, inputs = REGISTRY[name](size="small", seed=0)
+    cold = kiln.compile(model, inputs, target="tvm", pipeline="O2", quantize=scheme)
+    assert cold.cache == "stored" and cold.compiled.quant_lowering.rows
+    tvm_backend.clear_process_caches()
+    _forbid_building(monkeypatch)
+    warm = kiln.compile(model, inputs, target="tvm", pipeline="O2", quantize=scheme)
+    assert warm.cache == "hit"
+    with torch.no_grad():
+        torch.testing.assert_close(warm(*inputs), cold(*inputs), rtol=0, atol=0)
+
+
 def test_missing_kernel_is_a_warned_miss(cache_dir):
     model, inputs = REGISTRY["mlp"]()
     kiln.compile(model, inputs, target="tvm", pipeline="O2")
