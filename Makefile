@@ -12,7 +12,7 @@ $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_PIN)"
-	$(PY) -m pip install -q -e ".[test,tvm,bench]" "$(TORCH_PIN)"
+	$(PY) -m pip install -q -e ".[test,tvm,bench,quant]" "$(TORCH_PIN)"
 	touch $@
 
 demo: setup

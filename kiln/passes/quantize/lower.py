@@ -6,10 +6,13 @@ Contract:
   that builds the replacement from ops PyTorch runs (oneDNN's int8 kernels ``onednn.qconv_pointwise``,
   ``onednn.qconv2d_pointwise.binary``, ``onednn.qlinear_pointwise``, ``aten._int_mm``,
   ``aten._weight_int4pack_mm_for_cpu``, ``aten._weight_int8pack_mm``, PyTorch's quantize kernels, a
-  float path on dequantized weights, kiln's own TVM AVX-512 VNNI kernel ``tvm-vnni`` for ``qlinear`` and
-  ``dynamic_qlinear`` (``kiln/backends/tvm/int8.py``, run by the ``kiln.tvm_vnni_*`` ops registered here;
-  it applies only where TVM is installed and the CPU has VNNI, to int8 symmetric weights with a constant
-  bias), or kiln's own reference op). Pre-packed weights become new
+  float path on dequantized weights, ``dnnl`` for ``qconv2d``: oneDNN's int8 convolution through its C API
+  with the primitive created once per layer (``dnnl.py``, run by ``kiln.dnnl_qconv``; offered where the
+  ``onednn-cpu-gomp`` library is installed, for static 4-D shapes and symmetric weights), kiln's own TVM
+  AVX-512 VNNI kernel ``tvm-vnni`` for ``qlinear`` and ``dynamic_qlinear`` (``kiln/backends/tvm/int8.py``,
+  run by the ``kiln.tvm_vnni_*`` ops registered here; it applies only where TVM is installed and the CPU
+  has VNNI, to int8 symmetric weights with a constant bias), or kiln's own reference op). Pre-packed
+  weights become new
   ``kiln.weight`` tensors (oneDNN's opaque layout; a lowered graph is for running, not for saving).
 - ``lower_graph(graph, example_inputs=None, measure=True) -> LoweringReport`` rewrites every kiln
   quantized op in place. With example inputs, each node's real inputs are captured by one reference run,
@@ -18,8 +21,8 @@ Contract:
   that fails is reported and never chosen) and timed (``rounds * reps`` single calls, candidates interleaved
   call by call; the fastest call counts, as the one other load on the machine disturbed least); the fastest
   correct one wins. Without inputs (or ``measure=False``) the first applicable candidate is taken.
-- A fused residual (``other``) is accumulated in place by oneDNN's ``sum`` post-op when the residual
-  tensor is a fresh channels-last tensor (a oneDNN convolution's result, or an integer max pool of one)
+- A fused residual (``other``) is accumulated in place by oneDNN's ``sum`` post-op (both oneDNN paths) when
+  the residual tensor is a fresh channels-last tensor (a oneDNN convolution's result, or an integer max pool of one)
   that is dead after the op (no later reader, no view of it, not a graph output); otherwise it is
   copied to channels-last first.
 - A quantize read only by oneDNN convolutions is timed together with them, once producing contiguous
@@ -327,6 +330,91 @@ def _fp32_dynamic_linear(b: Builder, a: dict) -> Value:
     return b.call(aten.linear, a["x"], _add_weight(b, _weight_name(a["qw"]) + ".f32", w.contiguous()), a["bias"])
 
 
+# -- oneDNN's int8 convolution through its C API, one primitive per layer (dnnl.py) -----------------------
+
+_DNNL_DTYPES = {torch.uint8: "uint8", torch.int8: "int8", F32: "float32"}
+
+
+def dnnl_qconv_pack(spec: dict, sources: list[torch.Tensor]) -> torch.Tensor:
+    """The layer ``spec`` (``dnnl.QConvSpec`` as a dict) on ``sources = [qw]`` or ``[qw, bias]``: its
+    reordered weight, carrying the layer (``kiln_dnnl_layer``) and its recipe (``kiln_recipe``, so a flat
+    plan stores the integer weight and builds the layer again on load)."""
+    from kiln.passes.quantize import dnnl
+
+    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in spec.items()}
+    layer = dnnl.QConv(dnnl.QConvSpec(**fields), sources[0], sources[1] if len(sources) > 1 else None)
+    packed = layer.weight
+    packed.kiln_dnnl_layer = layer
+    packed.kiln_recipe = (dnnl_qconv_pack, dict(spec), list(sources))
+    return packed
+
+
+def dnnl_qconv(qx, packed, acc, out_channels: int, kernel: list[int], stride: list[int], padding: list[int],
+               dilation: list[int], out_dtype: torch.dtype, out_scale: float, out_zp: int):
+    """Runs the layer ``packed`` carries; the other arguments describe the result for type inference."""
+    if not qx.is_contiguous(memory_format=torch.channels_last):
+        qx = qx.contiguous(memory_format=torch.channels_last)
+    return packed.kiln_dnnl_layer(qx, acc)
+
+
+def _infer_dnnl_qconv(op, args, kwargs, attrs, subgraph):
+    a = quant_ops._bind(dnnl_qconv, op, args, kwargs)
+    n, _, h, w = quant_ops._tensor(op, a, "qx").shape
+    size = [(d + 2 * p - dl * (k - 1) - 1) // s + 1
+            for d, p, dl, k, s in zip((h, w), a["padding"], a["dilation"], a["kernel"], a["stride"])]
+    shape, dt = (n, a["out_channels"], *size), a["out_dtype"]
+    if dt == F32:
+        return [TensorType(shape, F32, "channels_last")]
+    lo, hi = quant_ops.INT_RANGES[dt]
+    return [TensorType(shape, dt, "channels_last", quant_ops._per_tensor(dt, lo, hi, a["out_scale"], a["out_zp"]))]
+
+
+DNNL_QCONV = register_kiln_op(
+    "dnnl_qconv", infer=_infer_dnnl_qconv, target=dnnl_qconv,
+    doc="kiln.dnnl_qconv(qx, packed, acc, out_channels, kernel, stride, padding, dilation, out_dtype, out_scale, "
+        "out_zp): kiln.qconv2d on a oneDNN primitive created once (kiln/passes/quantize/dnnl.py); with a fused "
+        "residual, acc holds it and is accumulated in place")
+
+
+def _dnnl_applies(a: dict) -> str | None:
+    from kiln.passes.quantize import dnnl
+
+    why = dnnl.available()
+    if why is not None:
+        return why
+    qx, other = a["qx"], a["other"]
+    shape = _static_shape(qx)
+    if shape is None or len(shape) != 4:
+        return "needs a static 4-D input"
+    if qx.type.dtype not in (torch.uint8, torch.int8) or a["out_dtype"] not in _DNNL_DTYPES:
+        return "needs uint8/int8 input and uint8/int8/float32 output"
+    if a["post_op"] not in ("none", "relu"):
+        return f"post_op {a['post_op']!r}"
+    if other is not None and (a["out_dtype"] == F32 or other.type.dtype != a["out_dtype"]):
+        return "a fused residual must have the integer output's dtype"
+    return _needs_zero_weight_zps(a)
+
+
+def _dnnl_conv(b: Builder, a: dict) -> Value:
+    qx, qw = a["qx"], _const(a["qw"])
+    other = a["other"]
+    o, _, kh, kw = qw.shape
+    spec = {"input_shape": _static_shape(qx), "out_channels": int(o), "kernel": [int(kh), int(kw)],
+            "stride": list(a["stride"]), "padding": list(a["padding"]), "dilation": list(a["dilation"]),
+            "groups": int(a["groups"]), "x_scale": float(a["x_scale"]), "x_zp": int(a["x_zp"]),
+            "x_dtype": _DNNL_DTYPES[qx.type.dtype], "w_scales": [float(s) for s in _const(a["w_scales"])],
+            "bias": a["bias"] is not None, "out_dtype": _DNNL_DTYPES[a["out_dtype"]],
+            "out_scale": float(a["out_scale"]), "out_zp": int(a["out_zp"]), "post_op": a["post_op"],
+            "other": None if other is None else [float(a["other_scale"]), int(a["other_zp"])]}
+    sources = [qw.contiguous()] + ([_const(a["bias"]).to(F32).contiguous()] if a["bias"] is not None else [])
+    pw = _add_weight(b, _weight_name(a["qw"]) + ".dnnl", dnnl_qconv_pack(spec, sources))
+    # the layer accumulates a residual in place: into a channels-last copy (dropped again when the residual
+    # is dead after this op, _accumulate_in_place)
+    acc = None if other is None else b.call(aten.clone, other, memory_format=torch.channels_last)
+    return b.call(DNNL_QCONV, qx, pw, acc, spec["out_channels"], spec["kernel"], spec["stride"], spec["padding"],
+                  spec["dilation"], a["out_dtype"], spec["out_scale"], spec["out_zp"])
+
+
 # -- kiln's own TVM int8 kernels (AVX-512 VNNI; kiln/backends/tvm/int8.py) --------------------------------
 
 def _tvm_int8():
@@ -497,7 +585,8 @@ def _ref(op: OpDef) -> Candidate:
 
 
 LOWERINGS: dict[OpDef, list[Candidate]] = {
-    QCONV2D: [Candidate("onednn", _onednn_conv), Candidate("fp32-dequant", _fp32_conv), _ref(QCONV2D)],
+    QCONV2D: [Candidate("onednn", _onednn_conv), Candidate("dnnl", _dnnl_conv, _dnnl_applies),
+              Candidate("fp32-dequant", _fp32_conv), _ref(QCONV2D)],
     QLINEAR: [Candidate("onednn", _onednn_linear), Candidate("tvm-vnni", _vnni_linear, _vnni_weight_reason),
               Candidate("int_mm", _int_mm_linear, _int_mm_applies), Candidate("fp32-dequant", _fp32_linear),
               _ref(QLINEAR)],
@@ -623,7 +712,7 @@ def choose(node: Node, inputs: list | None, rounds: int = 5, reps: int = 3) -> t
     return next(c for c in applicable if c.name == best), row
 
 
-_CONVS = ("onednn.qconv_pointwise", "onednn.qconv2d_pointwise.binary")
+_CONVS = ("onednn.qconv_pointwise", "onednn.qconv2d_pointwise.binary", "kiln.dnnl_qconv")
 
 
 def _fresh_channels_last(v: Value) -> bool:
@@ -639,13 +728,13 @@ def _fresh_channels_last(v: Value) -> bool:
 
 def _accumulate_in_place(graph: Graph) -> int:
     """Drop the defensive copy of a oneDNN ``sum`` accumulator when the residual is dead afterwards."""
-    binary = get_op("onednn.qconv2d_pointwise.binary")
+    acc_arg = {get_op("onednn.qconv2d_pointwise.binary"): 6, DNNL_QCONV: 2}
     order = {id(n): i for i, n in enumerate(graph.nodes)}
     dropped = 0
     for node in list(graph.nodes):
-        if node.op is not binary:
+        if node.op not in acc_arg or node.args[acc_arg[node.op]] is None:
             continue
-        clone = node.args[6].producer
+        clone = node.args[acc_arg[node.op]].producer
         if clone is None or not clone.is_a(aten.clone) or len(clone.output.uses) != 1:
             continue
         src = clone.args[0]
@@ -719,7 +808,7 @@ def _choose_quantize_layout(graph: Graph, q: Node, inputs: list, row: dict, roun
     if q.op not in (TORCH_QUANTIZE, TORCH_QUANTIZE_CL) or q.output.type.rank != 4 or q.output in graph.outputs:
         return
     users = q.output.users
-    if not users or any(u.op.name != "onednn.qconv_pointwise" for u in users):
+    if not users or any(u.op.name not in ("onednn.qconv_pointwise", "kiln.dnnl_qconv") for u in users):
         return
     fns = {}
     for op in (TORCH_QUANTIZE, TORCH_QUANTIZE_CL):
