@@ -13,14 +13,15 @@ Contract:
   the ``libgomp.so.1`` PyTorch ships, so ``torch.set_num_threads`` governs both. The binding is
   ``ctypes`` over the C API: no compiler is needed.
 - ``QConvSpec``: one convolution, frozen. Fields: input shape ``(n, c, h, w)`` (the input is a
-  channels-last ``uint8``/``int8`` tensor), ``out_channels``, ``kernel (kh, kw)``, ``stride``, ``padding``,
+  channels-last ``uint8``/``int8`` tensor; ``n`` None: any batch size, one primitive built per size the
+  first time it is seen), ``out_channels``, ``kernel (kh, kw)``, ``stride``, ``padding``,
   ``dilation``, ``groups``, ``x_scale``, ``x_zp``, ``w_scales`` (one per output channel), ``bias``
   (present or not), ``out_dtype`` (``"uint8"``, ``"int8"``, ``"float32"``), ``out_scale``, ``out_zp``,
   ``post_op`` (``"none"``/``"relu"``) and ``other`` (None or ``(other_scale, other_zp)``).
-- ``QConv(spec, qw, bias)`` builds the primitive and the reordered weight. ``qw`` is the ``int8``
-  ``[O, I/groups, kh, kw]`` weight (symmetric: oneDNN's int8 convolution takes no weight zero point);
-  ``bias`` is float32 ``[O]`` or None. ``qconv(x, acc=None)`` returns a new channels-last tensor of
-  ``out_dtype``, ``[n, O, oh, ow]``.
+- ``QConv(spec, qw, bias)`` builds the primitive and the reordered weight (for a static batch at once).
+  ``qw`` is the ``int8`` ``[O, I/groups, kh, kw]`` weight (symmetric: oneDNN's int8 convolution takes no
+  weight zero point); ``bias`` is float32 ``[O]`` or None. ``qconv(x, acc=None)`` returns a new
+  channels-last tensor of ``out_dtype``, ``[n, O, oh, ow]``.
   - With ``other``, ``acc`` (channels-last, ``out_dtype``, the output's shape) holds the residual. It is
     accumulated in place and returned.
   - The result is kiln.qconv2d's (``kiln/ir/quant_ops.py``):
@@ -181,7 +182,7 @@ def _engine() -> tuple[_h, _h]:
 
 @dataclass(frozen=True)
 class QConvSpec:
-    input_shape: tuple[int, int, int, int]
+    input_shape: tuple[int | None, int, int, int]  # batch None: any batch size (one primitive per size seen)
     out_channels: int
     kernel: tuple[int, int]
     stride: tuple[int, int]
@@ -213,10 +214,10 @@ def _channels_last_strides(shape) -> list[int]:
 
 
 class QConv:
-    """One int8 convolution layer as a oneDNN primitive (see the module contract)."""
+    """One int8 convolution layer (see the module contract): one oneDNN primitive per batch size."""
 
     def __init__(self, spec: QConvSpec, qw: torch.Tensor, bias: torch.Tensor | None):
-        lib = _lib()
+        _lib()
         if spec.post_op not in ("none", "relu"):
             raise UnsupportedError(f"oneDNN convolution: post_op {spec.post_op!r}")
         if spec.out_dtype not in _TORCH_DT or spec.x_dtype not in ("uint8", "int8"):
@@ -230,10 +231,49 @@ class QConv:
         if len(spec.w_scales) != o or (bias is not None) != spec.bias:
             raise KilnInputError("oneDNN convolution: w_scales/bias do not match the spec")
         self.spec = spec
+        self._qw = qw.detach().contiguous()
+        self._bias = None if bias is None else bias.detach().to(torch.float32).contiguous()
+        self._by_batch: dict[int, _Primitive] = {}
+        self._x_dtype, self._out_dtype = _TORCH_DT[spec.x_dtype], _TORCH_DT[spec.out_dtype]
+        if spec.input_shape[0] is not None:  # a static batch: build now, so a refusal shows when lowering
+            self._primitive(int(spec.input_shape[0]))
+
+    @property
+    def impl(self) -> str:
+        """oneDNN's implementation name (of the first primitive built)."""
+        return next(iter(self._by_batch.values())).impl if self._by_batch else "?"
+
+    def _primitive(self, batch: int) -> _Primitive:
+        prim = self._by_batch.get(batch)
+        if prim is None:
+            prim = self._by_batch[batch] = _Primitive(self.spec, batch, self._qw, self._bias)
+        return prim
+
+    def __call__(self, x: torch.Tensor, acc: torch.Tensor | None = None) -> torch.Tensor:
+        prim = self._by_batch.get(x.shape[0]) if x.dim() == 4 else None
+        if prim is None:
+            fixed = self.spec.input_shape[0]
+            if x.dim() != 4 or (fixed is not None and x.shape[0] != fixed):
+                raise KilnInputError(f"oneDNN convolution: input must be {list(self.spec.input_shape)}, got "
+                                     f"{list(x.shape)}")
+            prim = self._primitive(int(x.shape[0]))
+        return prim(x, acc)
+
+
+class _Primitive:
+    """The convolution primitive for one batch size, its reordered weight and its argument list."""
+
+    def __init__(self, spec: QConvSpec, batch: int, qw: torch.Tensor, bias: torch.Tensor | None):
+        lib = _lib()
+        o, g = spec.out_channels, spec.groups
+        kh, kw = spec.kernel
+        in_shape = (batch, *spec.input_shape[1:])
+        c = in_shape[1]
+        self.spec = spec
         self._objects = objs = _Objects()
         engine, self._stream = _engine()
-        out_shape = spec.output_shape
-        src_md = objs.md(spec.input_shape, spec.x_dtype, _channels_last_strides(spec.input_shape))
+        out_shape = (batch, *spec.output_shape[1:])
+        src_md = objs.md(in_shape, spec.x_dtype, _channels_last_strides(in_shape))
         dst_md = objs.md(out_shape, spec.out_dtype, _channels_last_strides(out_shape))
         w_dims = [g, o // g, c // g, kh, kw] if g > 1 else [o, c // g, kh, kw]
         w_any = objs.md(w_dims, "int8")
@@ -281,11 +321,8 @@ class QConv:
         w_md = ctypes.c_void_p(lib.dnnl_primitive_desc_query_md(pd, _QUERY_EXEC_ARG_MD, ARG_WEIGHTS))
         size = lib.dnnl_memory_desc_get_size(w_md)
         self.weight = torch.empty(size, dtype=torch.uint8)
-        plain = qw.contiguous()
-        plain_md = objs.md(w_dims, "int8", list(plain.reshape(w_dims).stride()))
-        self._keep = [plain]
-        self._reorder(plain_md, plain.data_ptr(), w_md, self.weight.data_ptr())
-        self._keep = []
+        plain_md = objs.md(w_dims, "int8", list(qw.reshape(w_dims).stride()))
+        self._reorder(plain_md, qw.data_ptr(), w_md, self.weight.data_ptr())
 
         def const(values, dtype):
             t = torch.tensor(values, dtype=dtype)
@@ -297,8 +334,8 @@ class QConv:
                 (ARG_WEIGHTS, objs.memory(w_md, self.weight.data_ptr())),
                 (ARG_DST, objs.memory(dst_md, 0))]
         if spec.bias:
-            b = const(bias.detach().to(torch.float32).contiguous().tolist(), torch.float32)
-            args.append((ARG_BIAS, objs.memory(bias_md, b.data_ptr())))
+            self._consts.append(bias)
+            args.append((ARG_BIAS, objs.memory(bias_md, bias.data_ptr())))
         scalar_f32 = objs.md([1], "float32", [1])
         scalar_i32 = objs.md([1], "int32", [1])
         args.append((ARG_SCALES | ARG_SRC, objs.memory(scalar_f32, const([spec.x_scale], torch.float32).data_ptr())))
@@ -316,7 +353,7 @@ class QConv:
         self._nargs = len(args)
         self._out_dtype = _TORCH_DT[spec.out_dtype]
         self._out_shape = out_shape
-        self._in_shape = tuple(spec.input_shape)
+        self._in_shape = in_shape
         self._x_dtype = _TORCH_DT[spec.x_dtype]
 
     def _reorder(self, src_md, src_ptr: int, dst_md, dst_ptr: int) -> None:
@@ -356,3 +393,4 @@ class QConv:
         if status != _SUCCESS:
             raise UnsupportedError(f"oneDNN convolution ({self.impl}) failed with status {status}")
         return out
+

@@ -8,11 +8,11 @@ Contract:
   ``aten._weight_int4pack_mm_for_cpu``, ``aten._weight_int8pack_mm``, PyTorch's quantize kernels, a
   float path on dequantized weights, ``dnnl`` for ``qconv2d``: oneDNN's int8 convolution through its C API
   with the primitive created once per layer (``dnnl.py``, run by ``kiln.dnnl_qconv``; offered where the
-  ``onednn-cpu-gomp`` library is installed, for static 4-D shapes and symmetric weights), kiln's own TVM
-  AVX-512 VNNI kernel ``tvm-vnni`` for ``qlinear`` and ``dynamic_qlinear`` (``kiln/backends/tvm/int8.py``,
-  run by the ``kiln.tvm_vnni_*`` ops registered here; it applies only where TVM is installed and the CPU
-  has VNNI, to int8 symmetric weights with a constant bias), or kiln's own reference op). Pre-packed
-  weights become new
+  ``onednn-cpu-gomp`` library is installed, for 4-D shapes static but for the batch and symmetric weights;
+  one primitive per batch size), kiln's own TVM AVX-512 VNNI kernel ``tvm-vnni`` for ``qlinear`` and
+  ``dynamic_qlinear`` (``kiln/backends/tvm/int8.py``, run by the ``kiln.tvm_vnni_*`` ops registered here;
+  it applies only where TVM is installed and the CPU has VNNI, to int8 symmetric weights with a constant
+  bias), or kiln's own reference op). Pre-packed weights become new
   ``kiln.weight`` tensors (oneDNN's opaque layout; a lowered graph is for running, not for saving).
 - ``lower_graph(graph, example_inputs=None, measure=True) -> LoweringReport`` rewrites every kiln
   quantized op in place. With example inputs, each node's real inputs are captured by one reference run,
@@ -336,14 +336,14 @@ _DNNL_DTYPES = {torch.uint8: "uint8", torch.int8: "int8", F32: "float32"}
 
 
 def dnnl_qconv_pack(spec: dict, sources: list[torch.Tensor]) -> torch.Tensor:
-    """The layer ``spec`` (``dnnl.QConvSpec`` as a dict) on ``sources = [qw]`` or ``[qw, bias]``: its
-    reordered weight, carrying the layer (``kiln_dnnl_layer``) and its recipe (``kiln_recipe``, so a flat
-    plan stores the integer weight and builds the layer again on load)."""
+    """The layer ``spec`` (``dnnl.QConvSpec`` as a dict) on ``sources = [qw]`` or ``[qw, bias]``: a copy of
+    ``qw`` carrying the layer (``kiln_dnnl_layer``, which holds the weight reordered for oneDNN) and its
+    recipe (``kiln_recipe``, so a flat plan stores the integer weight and builds the layer again on load)."""
     from kiln.passes.quantize import dnnl
 
     fields = {k: tuple(v) if isinstance(v, list) else v for k, v in spec.items()}
     layer = dnnl.QConv(dnnl.QConvSpec(**fields), sources[0], sources[1] if len(sources) > 1 else None)
-    packed = layer.weight
+    packed = sources[0].clone()  # the graph's handle on the layer (which holds its reordered weights)
     packed.kiln_dnnl_layer = layer
     packed.kiln_recipe = (dnnl_qconv_pack, dict(spec), list(sources))
     return packed
@@ -383,9 +383,8 @@ def _dnnl_applies(a: dict) -> str | None:
     if why is not None:
         return why
     qx, other = a["qx"], a["other"]
-    shape = _static_shape(qx)
-    if shape is None or len(shape) != 4:
-        return "needs a static 4-D input"
+    if _dnnl_input_shape(qx) is None:
+        return "needs a 4-D input, static but for the batch"
     if qx.type.dtype not in (torch.uint8, torch.int8) or a["out_dtype"] not in _DNNL_DTYPES:
         return "needs uint8/int8 input and uint8/int8/float32 output"
     if a["post_op"] not in ("none", "relu"):
@@ -395,11 +394,20 @@ def _dnnl_applies(a: dict) -> str | None:
     return _needs_zero_weight_zps(a)
 
 
+def _dnnl_input_shape(v: Value) -> list[int | None] | None:
+    """(n, c, h, w) with n None when the batch is symbolic; None unless c, h, w are static."""
+    t = v.type
+    if not isinstance(t, TensorType) or t.rank != 4:
+        return None
+    static = [int(d) if isinstance(d, int) or getattr(d, "is_Integer", False) else None for d in t.shape]
+    return static if None not in static[1:] else None
+
+
 def _dnnl_conv(b: Builder, a: dict) -> Value:
     qx, qw = a["qx"], _const(a["qw"])
     other = a["other"]
     o, _, kh, kw = qw.shape
-    spec = {"input_shape": _static_shape(qx), "out_channels": int(o), "kernel": [int(kh), int(kw)],
+    spec = {"input_shape": _dnnl_input_shape(qx), "out_channels": int(o), "kernel": [int(kh), int(kw)],
             "stride": list(a["stride"]), "padding": list(a["padding"]), "dilation": list(a["dilation"]),
             "groups": int(a["groups"]), "x_scale": float(a["x_scale"]), "x_zp": int(a["x_zp"]),
             "x_dtype": _DNNL_DTYPES[qx.type.dtype], "w_scales": [float(s) for s in _const(a["w_scales"])],

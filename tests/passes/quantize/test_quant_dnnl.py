@@ -79,6 +79,21 @@ def test_layer_runs_again_on_new_inputs():
         _check(layer(qx2), ref)
 
 
+def test_any_batch_layer_builds_one_primitive_per_batch_size():
+    spec, _, qw, b, _, _ = _case(5, post_op="relu")
+    layer = dnnl.QConv(dnnl.QConvSpec(**{**vars(spec), "input_shape": (None, *spec.input_shape[1:])}), qw, b)
+    for n in (3, 1, 3):
+        _, qx, _, _, _, _ = _case(6 + n, n=n)
+        ref = quant_ops.qconv2d(qx, spec.x_scale, spec.x_zp, qw, torch.tensor(spec.w_scales),
+                                torch.zeros(16, dtype=torch.int64), b, [1, 1], [1, 1], [1, 1], 1, spec.out_scale,
+                                spec.out_zp, torch.uint8, "relu")
+        _check(layer(qx), ref)
+    assert sorted(layer._by_batch) == [1, 3]
+    fixed = dnnl.QConv(spec, qw, b)
+    with pytest.raises(KilnInputError, match="input must be"):
+        fixed(_case(7, n=3)[1])
+
+
 def test_bad_inputs_raise_kiln_errors():
     spec, qx, qw, b, _, _ = _case(0)
     layer = dnnl.QConv(spec, qw, b)
