@@ -30,7 +30,10 @@ Contract:
     oneDNN's own float rounding order applies, so results are within one quantization step of the
     reference, not bit-exact. ``kiln.passes.quantize.lower`` checks every candidate against the
     reference on real inputs before it can be chosen.
-  - ``impl`` is oneDNN's implementation name (e.g. ``brg_conv_fwd:avx512_core_amx``).
+  - ``impl`` is oneDNN's implementation name (``jit:avx512_core_amx`` on this machine).
+  - One call at a time per layer: a call points the layer's memory objects at its tensors, so two
+    threads running the same compiled model concurrently would race (as kiln's models are run: one
+    thread, PyTorch's intra-op pool inside).
 - Errors: a oneDNN call that fails raises ``UnsupportedError`` naming the call and oneDNN's status, and a
   malformed input raises ``KilnInputError``. A missing library is ``available()``'s reason; ``QConv``
   then raises ``UnsupportedError`` with it.
