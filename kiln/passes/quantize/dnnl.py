@@ -206,9 +206,14 @@ class QConvSpec:
     @property
     def output_shape(self) -> tuple[int, int, int, int]:
         n, _, h, w = self.input_shape
-        out = [(size + 2 * p - d * (k - 1) - 1) // s + 1 for size, p, d, k, s in
-               zip((h, w), self.padding, self.dilation, self.kernel, self.stride)]
-        return n, self.out_channels, out[0], out[1]
+        return n, self.out_channels, *conv_output_hw((h, w), self.kernel, self.stride, self.padding, self.dilation)
+
+
+def conv_output_hw(hw, kernel, stride, padding, dilation) -> tuple[int, int]:
+    """A convolution's output height and width (floor mode, symmetric padding)."""
+    h, w = (int((size + 2 * p - d * (k - 1) - 1) // s + 1)
+            for size, k, s, p, d in zip(hw, kernel, stride, padding, dilation))
+    return h, w
 
 
 def _channels_last_strides(shape) -> list[int]:

@@ -358,10 +358,11 @@ def dnnl_qconv(qx, packed, acc, out_channels: int, kernel: list[int], stride: li
 
 
 def _infer_dnnl_qconv(op, args, kwargs, attrs, subgraph):
+    from kiln.passes.quantize.dnnl import conv_output_hw
+
     a = quant_ops._bind(dnnl_qconv, op, args, kwargs)
     n, _, h, w = quant_ops._tensor(op, a, "qx").shape
-    size = [(d + 2 * p - dl * (k - 1) - 1) // s + 1
-            for d, p, dl, k, s in zip((h, w), a["padding"], a["dilation"], a["kernel"], a["stride"])]
+    size = conv_output_hw((h, w), a["kernel"], a["stride"], a["padding"], a["dilation"])
     shape, dt = (n, a["out_channels"], *size), a["out_dtype"]
     if dt == F32:
         return [TensorType(shape, F32, "channels_last")]
