@@ -49,9 +49,11 @@ Contract:
   (default: per fused group — GEMM plus its epilogue — or lone GEMM, the TIR kernel and the PyTorch
   GEMM + TVM epilogue are both built and timed on the real shapes, the faster kept and recorded, so a
   warm compile measures nothing), ``"tvm"`` (force TIR) or ``"torch"`` (force PyTorch). Without tuning
-  GEMM/conv always run through PyTorch. ``kernel_paths`` entries of TVM kernels then carry ``tuned``,
-  ``tuned_s``, ``untuned_s``; the entry holding a GEMM/conv carries ``choice``, ``tvm_s``, ``torch_s``
-  (when measured). ``run.tuning`` is the tuner's summary (None untuned).
+  GEMM/conv run through PyTorch unless ``gemm="tvm"`` (then in TIR with the default schedule: matmuls
+  get kiln's register-tiled template, ``gemm_schedule.py``; convolutions only the generic schedule).
+  ``kernel_paths`` entries of TVM kernels then carry ``tuned``, ``tuned_s``, ``untuned_s``; the entry
+  holding a GEMM/conv carries ``choice``, ``tvm_s``, ``torch_s`` (when measured). ``run.tuning`` is the
+  tuner's summary (None untuned).
 """
 
 from __future__ import annotations
@@ -126,6 +128,12 @@ def _runs_inside(node: Node) -> bool:
         return all(n.op is WEIGHT or _runs_inside(n) for n in node.subgraph.nodes)
     return (can_lower(node) or node.op.name in EXTERN_OPS or node.op.name in VIEW_OPS
             or node.op.namespace in EXTERN_NAMESPACES or node.op.name.startswith(LOWERED_QUANT_PREFIXES))
+
+
+def _tir_gemms(low: _Lowering) -> bool:
+    """Whether GEMM/conv may run in TIR: forced (``gemm="tvm"``, tuned or not), or by measurement (``auto``
+    with tuning on; untuned, ``auto`` keeps PyTorch's kernels, which measure nothing)."""
+    return low.gemm == "tvm" or (low.gemm == "auto" and low.tuner is not None)
 
 
 def _is_gemm(node: Node) -> bool:
@@ -390,7 +398,7 @@ def _lower_group(group: Node, low: _Lowering, paths: list[dict]) -> Any:
     """A fused group's executable. With tuning on, a group holding a GEMM/conv runs it in TIR (fused with
     its epilogue) or through PyTorch (plus a TVM epilogue kernel): forced by ``gemm``, else measured."""
     has_gemm = any(_is_gemm(n) for n in group.subgraph.nodes)
-    if low.tuner is None or not has_gemm or low.gemm == "torch":
+    if not has_gemm or not _tir_gemms(low):
         inner = clone_graph(group.subgraph)
         return to_fx(inner, submodules=_lower_regions(inner, low, paths))
     variants: dict[str, list[dict]] = {}
@@ -443,7 +451,7 @@ class TVMBackend(Backend):
         _gemm_weights_row_major(g, {})
         _sink_views(g)
         _merge_sliced_producers(g)
-        if low.tuner is None or low.gemm == "torch":  # with gemm auto/tvm, only PyTorch's variants are packed
+        if not _tir_gemms(low):  # GEMMs that may run in TIR: only PyTorch's variants are packed
             _merge_extern_epilogues(g)
             _pack_for_pytorch(g, low)
         paths: list[dict] = []
@@ -555,7 +563,7 @@ def _lower_regions_outside(graph: Graph, low: _Lowering, paths: list[dict]) -> d
         part = outline_region(graph, [node], PARTITION, {"target": "tvm"}, name)
         executables[part], info = _kernel(part.subgraph, low)
         paths.append({"kernel": name, "path": "tvm", "ops": [node.op.name], **_tuning_fields(info)})
-    if low.tuner is not None and low.gemm != "torch":
+    if _tir_gemms(low):
         for node in [n for n in graph.nodes if n.op is not FUSED and _is_gemm(n)]:
             _lower_lone_gemm(graph, node, low, paths, executables)
     for node in graph.nodes:

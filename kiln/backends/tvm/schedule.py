@@ -7,6 +7,9 @@ Contract: ``schedule_cpu(func, lanes=16, min_parallel=1 << 18) -> tvm.IRModule``
    fused group of pointwise ops becomes one loop nest per output and per reduction — except a value read
    by several consumers whose inlined expression already stands for more than ``MAX_RECOMPUTE`` blocks,
    which is stored (recomputing a recurrence such as a selective scan's state costs O(steps^2));
+   A function left with one matmul block and at most one epilogue output block reading it is then
+   scheduled by kiln's register-tiled GEMM template (``gemm_schedule.apply_gemm_template``) instead of
+   steps 2 and 3; where the template does not apply, they run as below.
 2. each remaining reduction block is computed at the outermost loops of its consumer that cover its
    spatial axes (``compute_at``), so e.g. softmax's max, sum and normalisation run row by row while the
    row is in cache (a three-pass softmax over one row; see ``docs/`` for why not online);
@@ -27,7 +30,9 @@ import tvm
 import tvm.s_tir as st
 from tvm.s_tir import Schedule, ScheduleError
 
-SCHEDULE_VERSION = "3"  # part of the kernel cache key: bump when the schedule's output changes
+from .gemm_schedule import apply_gemm_template
+
+SCHEDULE_VERSION = "4"  # part of the kernel cache key: bump when the schedule's output changes
 MAX_RECOMPUTE = 4  # a value read by several consumers is inlined only while it stands for <= this many blocks
 SPATIAL = 0  # IterVar.iter_type of a data-parallel axis in TIR
 
@@ -202,6 +207,10 @@ def schedule_cpu(func, lanes: int = 16, min_parallel: int = 1 << 18) -> tvm.IRMo
     sch = Schedule(tvm.IRModule({"main": func}))
     outputs = _outputs(sch)
     _inline_spatial(sch, outputs)
+    gemm = sch.copy()
+    if apply_gemm_template(gemm, outputs, min_parallel):
+        st.analysis.verify_well_formed(gemm.mod)
+        return gemm.mod
     _attach_reductions(sch, outputs)
     for block in _all_blocks(sch):
         try:

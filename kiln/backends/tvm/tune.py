@@ -30,7 +30,9 @@ Contract:
   choice, trials). A tuning that finds nothing valid (or that TVM rejects) falls back to
   ``schedule_cpu`` with a ``KilnTuningWarning`` and is recorded, so it is not retried at the same budget.
   The record key is kiln's canonical text of the kernel plus the structural hash of its PrimFunc (a
-  change of kiln's lowering makes a new key); a stored trace that TVM cannot replay is ignored with a
+  change of kiln's lowering makes a new key) and the untuned schedule's ``schedule_id`` (a record
+  compares against ``schedule_cpu``: a new version of it, e.g. the GEMM template, is measured anew,
+  for kernel and GEMM-choice records alike); a stored trace that TVM cannot replay is ignored with a
   ``KilnCacheWarning`` and the kernel re-tuned.
   ``tuner.choose(workload_text, name, build, input_types)``: the GEMM/conv group choice — ``build(path)``
   gives the callable for ``"tvm"`` or ``"torch"``; on a miss both are built and timed on random inputs of
@@ -68,7 +70,7 @@ from kiln.ir.types import TensorType
 from kiln.logs import progress, progress_enabled
 
 from .cache import KernelCache, KilnCacheWarning, canonical_text
-from .kernel import TVMKernel, graph_prim_func
+from .kernel import TVMKernel, graph_prim_func, schedule_id
 from .schedule import inline_producers, schedule_cpu
 from .tune_db import TuningDatabase, record_key
 
@@ -385,7 +387,8 @@ class KernelTuner:
         lowered = graph_prim_func(graph)
         # kiln's canonical IR text and the structural hash of the PrimFunc kiln lowers it to: a change of
         # kiln's lowering gives a new key rather than a trace that no longer applies
-        workload = f"{canonical_text(graph)}\nprimfunc:{structural_hash(strip_layout_free(lowered))}"
+        workload = (f"{canonical_text(graph)}\nprimfunc:{structural_hash(strip_layout_free(lowered))}"
+                    f"\nuntuned:{schedule_id(schedule_cpu)}")
         key = record_key("kernel", workload, self.target)
         self._start(graph.name)
         try:
@@ -465,7 +468,7 @@ class KernelTuner:
     def choose(self, workload_text: str, name: str, build: Callable[[str], Callable],
                inputs_types: Sequence[TensorType]) -> tuple[str, Callable, dict]:
         """``"tvm"`` or ``"torch"`` for a GEMM/conv group, by measurement (recorded) or from the record."""
-        key = record_key("gemm-choice", workload_text, self.target)
+        key = record_key("gemm-choice", f"{workload_text}\nuntuned:{schedule_id(schedule_cpu)}", self.target)
         record = self.db.get(key, min_trials=self.trials)
         if record is not None:
             self.stats.choices_reused += 1
