@@ -150,3 +150,17 @@ def test_a_forward_that_changes_module_state_is_refused_and_restored():
     assert fp.key is None and "module state" in fp.reason
     assert not hasattr(model, "table")
     assert model(torch.zeros(1, 4)).tolist() == [[0.0, 1.0, 2.0, 3.0]]  # a real tensor, not a meta one
+
+
+def test_recorder_puts_constructors_on_meta_and_forgets_metadata_changed_in_place():
+    from kiln.frontend.fingerprint import _Recorder
+
+    x = torch.empty(3, device="meta")
+    recorder = _Recorder({id(x): "in:0"})
+    with torch.no_grad(), recorder:
+        made = torch.zeros(2)  # no device given: the meta device, as under torch.device("meta")
+        before = x + 1  # memoized by x's metadata
+        x.unsqueeze_(0)  # in place: x is now [1, 3]
+        after = x + 1  # must not reuse the [3] result
+    assert made.device.type == "meta"
+    assert tuple(before.shape) == (3,) and tuple(after.shape) == (1, 3)
