@@ -324,3 +324,18 @@ def test_select_and_tune_trials_check_benchmark_arguments():
     assert tune_trials(ap, None, 32) == 32 and tune_trials(ap, 4, 32) == 4
     with pytest.raises(SystemExit):
         tune_trials(ap, 0, 32)
+
+
+def test_builds_do_not_walk_what_earlier_contenders_left_alive():
+    import gc
+
+    from kiln.report.bench import Contender, _build_and_call
+
+    seen = []
+
+    def build(model, inputs):
+        seen.append(gc.get_freeze_count())
+        return model
+
+    _build_and_call(Contender("frozen", build, "other"), torch.nn.Identity(), (torch.ones(2),))
+    assert seen[0] > 0 and gc.get_freeze_count() == 0  # frozen during the build only
