@@ -163,8 +163,9 @@ class _Recorder(TorchFunctionMode):
         (args_record, args_meta), (kwargs_record, kwargs_meta) = self._spell(args), self._spell(kwargs)
         record = f"{name}({args_record};{kwargs_record})"
         signature = f"{name}({args_meta};{kwargs_meta})"
-        if name.endswith("_") and (not name.endswith("__") or name.endswith(".__set__")):
-            # in place (``t_``, ``resize_``; a ``.data`` assignment): its tensor arguments' metadata may change
+        if (name.endswith("_") and (not name.endswith("__") or name.endswith(".__set__"))) or "out" in kwargs:
+            # in place (``t_``, ``resize_``; a ``.data`` assignment; an ``out=`` tensor, which may be resized):
+            # its tensor arguments' metadata may change
             for t in _tensors((args, kwargs)):
                 self.metas.pop(id(t), None)
         memo = self.memo.get(signature)

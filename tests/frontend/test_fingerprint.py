@@ -162,5 +162,9 @@ def test_recorder_puts_constructors_on_meta_and_forgets_metadata_changed_in_plac
         before = x + 1  # memoized by x's metadata
         x.unsqueeze_(0)  # in place: x is now [1, 3]
         after = x + 1  # must not reuse the [3] result
+        out = torch.empty(0)
+        out + 1  # memoized by out's [0] metadata
+        torch.add(after, 1, out=out)  # resizes ``out`` to [1, 3]
+        resized = out + 1
     assert made.device.type == "meta"
-    assert tuple(before.shape) == (3,) and tuple(after.shape) == (1, 3)
+    assert tuple(before.shape) == (3,) and tuple(after.shape) == (1, 3) and tuple(resized.shape) == (1, 3)
