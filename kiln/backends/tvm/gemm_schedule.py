@@ -99,8 +99,9 @@ def apply_gemm_template(sch: Schedule, outputs: set[str], min_parallel: int = 1 
         else:
             writer = sch.cache_write(matmul, 0, "local")
         loops = sch.get_loops(writer)
-        if len(loops) != len(iters) - 1:  # the epilogue must enumerate the matmul's own output space
-            return False
+        extents = [sch.get(lp).extent for lp in loops]
+        if [int(e) if isinstance(e, tvm.tirx.IntImm) else None for e in extents] != [e for _, e in iters[:-1]]:
+            return False  # the epilogue must enumerate the matmul's own output space (not a transpose of it)
         *batch, i, j = loops
         io, ii = sch.split(i, [None, mr])
         jo, ji = sch.split(j, [None, nr])

@@ -32,7 +32,7 @@ from tvm.s_tir import Schedule, ScheduleError
 
 from .gemm_schedule import apply_gemm_template
 
-SCHEDULE_VERSION = "4"  # part of the kernel cache key: bump when the schedule's output changes
+SCHEDULE_VERSION = "5"  # part of the kernel cache key: bump when the schedule's output changes
 MAX_RECOMPUTE = 4  # a value read by several consumers is inlined only while it stands for <= this many blocks
 SPATIAL = 0  # IterVar.iter_type of a data-parallel axis in TIR
 

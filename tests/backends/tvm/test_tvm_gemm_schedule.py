@@ -99,3 +99,9 @@ def test_untuned_compile_runs_gemm_in_tir_when_asked(tmp_path):
     assert entry["path"] == "tvm" and exe.tuning is None
     x = torch.randn(16, 32)
     assert_match(compiled(x), to_fx(graph)(x))
+
+
+def test_template_refuses_an_epilogue_over_another_output_space():
+    a, b = te.placeholder((64, 32), name="a"), te.placeholder((32, 48), name="b")
+    mm = topi.nn.matmul(a, b)
+    assert not _templated([a, b, topi.transpose(mm)])  # [48, 64]: not the matmul's tiles
