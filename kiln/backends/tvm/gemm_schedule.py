@@ -39,9 +39,11 @@ from __future__ import annotations
 import tvm
 from tvm.s_tir import Schedule, ScheduleError
 
+from .schedule import SPATIAL, _blocks, _dom_extents, _extent, _is_spatial, _writes_output
+
 LANES = 16  # fp32 lanes of an AVX-512 register
 MATMUL_BLOCKS = ("T_matmul_NN", "T_batch_matmul_NN")
-SPATIAL, REDUCE = 0, 2  # IterVar.iter_type values in TIR
+REDUCE = 2  # IterVar.iter_type of a reduction axis in TIR
 
 
 def tile_shape(m: int, n: int) -> tuple[int, int]:
@@ -50,32 +52,22 @@ def tile_shape(m: int, n: int) -> tuple[int, int]:
     return mr, nr
 
 
-def _static_iters(sch: Schedule, block) -> list[tuple[int, int]] | None:
-    out = []
-    for iv in sch.get(block).iter_vars:
-        ext = iv.dom.extent
-        if not isinstance(ext, tvm.tirx.IntImm):
-            return None
-        out.append((int(iv.iter_type), int(ext)))
-    return out
-
-
 def _matmul_and_epilogue(sch: Schedule, outputs: set[str]):
-    blocks = list(sch.get_child_blocks(sch.get_sblock("root")))
+    blocks = _blocks(sch)
     matmuls = [b for b in blocks if sch.get(b).name_hint in MATMUL_BLOCKS]
     if len(matmuls) != 1 or len(blocks) > 2:
         return None
     matmul = matmuls[0]
-    iters = _static_iters(sch, matmul)
-    if iters is None or len(iters) not in (3, 4) or [k for k, _ in iters] != [SPATIAL] * (len(iters) - 1) + [REDUCE]:
+    iters = _dom_extents(sch, matmul)
+    if (any(ext is None for _, ext in iters) or len(iters) not in (3, 4)
+            or [k for k, _ in iters] != [SPATIAL] * (len(iters) - 1) + [REDUCE]):
         return None
-    epilogue = next((b for b in blocks if b is not matmul and not b.same_as(matmul)), None)
+    epilogue = next((b for b in blocks if not b.same_as(matmul)), None)
     if epilogue is not None:
-        writes_output = any(r.source.name in outputs for r in sch.get(epilogue).writes)
-        if not writes_output or list(sch.get_producers(epilogue)) == [] or any(
-                int(iv.iter_type) != SPATIAL for iv in sch.get(epilogue).iter_vars):
+        if (not _writes_output(sch, epilogue, outputs) or not list(sch.get_producers(epilogue))
+                or not _is_spatial(sch, epilogue)):
             return None
-    elif not any(r.source.name in outputs for r in sch.get(matmul).writes):
+    elif not _writes_output(sch, matmul, outputs):
         return None
     return matmul, epilogue, iters
 
@@ -99,8 +91,7 @@ def apply_gemm_template(sch: Schedule, outputs: set[str], min_parallel: int = 1 
         else:
             writer = sch.cache_write(matmul, 0, "local")
         loops = sch.get_loops(writer)
-        extents = [sch.get(lp).extent for lp in loops]
-        if [int(e) if isinstance(e, tvm.tirx.IntImm) else None for e in extents] != [e for _, e in iters[:-1]]:
+        if [_extent(sch, lp) for lp in loops] != [e for _, e in iters[:-1]]:
             return False  # the epilogue must enumerate the matmul's own output space (not a transpose of it)
         *batch, i, j = loops
         io, ii = sch.split(i, [None, mr])

@@ -30,8 +30,6 @@ import tvm
 import tvm.s_tir as st
 from tvm.s_tir import Schedule, ScheduleError
 
-from .gemm_schedule import apply_gemm_template
-
 SCHEDULE_VERSION = "5"  # part of the kernel cache key: bump when the schedule's output changes
 MAX_RECOMPUTE = 4  # a value read by several consumers is inlined only while it stands for <= this many blocks
 SPATIAL = 0  # IterVar.iter_type of a data-parallel axis in TIR
@@ -207,6 +205,8 @@ def schedule_cpu(func, lanes: int = 16, min_parallel: int = 1 << 18) -> tvm.IRMo
     sch = Schedule(tvm.IRModule({"main": func}))
     outputs = _outputs(sch)
     _inline_spatial(sch, outputs)
+    from .gemm_schedule import apply_gemm_template  # it builds on this module's block helpers
+
     gemm = sch.copy()
     if apply_gemm_template(gemm, outputs, min_parallel):
         st.analysis.verify_well_formed(gemm.mod)
