@@ -6,8 +6,8 @@ scalar. This template is the classic micro-kernel: the output is cut into ``MR x
 multiple of the 16 fp32 lanes of an AVX-512 register), each tile's accumulators live in a ``local``
 buffer that LLVM keeps in vector registers, and the K loop runs over the whole reduction with, per step,
 one broadcast of ``A[i, k]`` per row and ``NR / 16`` vector loads of ``B[k, j:j+NR]`` shared by the
-``MR`` rows. Tiles are spread over the threads (outer loops fused and parallelised, column tiles outer so
-each thread reuses its ``K x NR`` panel of ``B`` from cache across its row tiles).
+``MR`` rows. Column tiles are spread over the threads; for each, ``B``'s ``K x NR`` panel is first copied
+into a contiguous buffer (packed, as BLAS libraries do), and the row tiles then walk it with unit stride.
 
 Contract:
 - ``apply_gemm_template(sch, outputs) -> bool`` schedules, in place, a function whose blocks (after
@@ -17,21 +17,26 @@ Contract:
   scaling), with ``N`` a multiple of 16. The epilogue is computed tile by tile right after the tile's
   reduction (the matmul's buffer becomes tile-sized ``local`` storage); without an epilogue the tile is
   written back from ``local`` storage. Returns False, leaving ``sch`` unusable, when the function does
-  not have that form or TVM refuses a step: call it on ``sch.copy()``. The tiles run in parallel when
-  the GEMM has at least ``min_parallel`` multiply-adds (``schedule_cpu``'s threshold: waking the thread
-  pool costs more than a small GEMM).
+  not have that form or TVM refuses a step: call it on ``sch.copy()``. The parallel loop (when the GEMM
+  has at least ``min_parallel`` multiply-adds: ``schedule_cpu``'s threshold, since waking the thread pool
+  costs more than a small GEMM) runs over ``[batch x] column tiles``.
+- Packing: when ``B`` is read element for element (``B[b, k, j]``: not transposed or broadcast by an
+  inlined view) and there are at least two row tiles to share a panel, each column tile first copies its
+  ``K x NR`` panel into a buffer laid out ``[batch,] N / NR, K, NR`` (one workspace of ``B``'s size per
+  call); otherwise the micro-kernel reads ``B`` in place and the parallel loop also covers the row tiles.
 - ``tile_shape(m, n) -> (MR, NR)``: ``NR`` = 32 when it divides ``n`` else 16; ``MR`` = the largest of
-  16, 8, 4, 2, 1 dividing ``m`` (no predicated tail tiles).
+  8, 4, 2, 1 dividing ``m`` (no predicated tail tiles).
 - Results equal the unscheduled function's up to float32 summation order (the K loop still runs in
-  order; only where accumulators live changes).
+  order; only where accumulators and ``B`` live changes).
 
-Measured here (2 threads, the template's kernel called directly, five tile shapes and ``torch.mm`` timed
-interleaved in one process; GFLOP/s): 512x512x512: 16x32 267, 8x32 298, 4x64 296, 8x64 243 (MKL 329);
-256x1024x1024: 16x32 155, the others 107-147 (MKL 281); 64x512x1024: 16x32 169, others 130-163 (MKL 252).
-16x32 is kept: best on two of three. Weak spot: a ``B`` with 1024 columns puts consecutive rows of a
-panel 4 KB apart (a TLB page per K step); packing ``B`` into ``[N/NR, K, NR]`` inside the kernel measured
-no better (101-128 against 103-107), so it is not done. ``benchmarks/gemm.py`` times it through
-``kiln.compile`` (gemm="tvm"), interleaved with the other contenders: see the README for what it printed.
+Measured here (2 threads, the kernel called directly, interleaved with ``torch.mm`` in one process, three
+rounds; fraction of the FMA peak measured in the same process): 8x32 packed 0.86/0.86/0.61 on
+512x512x512, 0.84/0.89/0.67 on 1024^3, 0.84/0.87/0.89 on 256x1024x1024, 0.75/0.75/0.49 on 64x512x1024;
+MKL in the same rounds 0.85/0.89/0.83, 0.81/0.89/0.84, 0.72/0.76/0.75, 0.70/0.66/0.67. Unpacked 8x32 fell
+to 0.24-0.40 on the shapes with N = 1024 (rows of ``B`` 4 KB apart: every K step of a panel lands in the
+same L1 set). 16x32 (32 accumulators: all 32 vector registers, so LLVM spills) was 0.64-0.74 on 512^3 and
+0.66-0.70 packed on the others. ``benchmarks/gemm.py`` times it through ``kiln.compile`` (gemm="tvm"),
+interleaved with the other contenders: see the README for what it printed.
 """
 
 from __future__ import annotations
@@ -48,7 +53,7 @@ REDUCE = 2  # IterVar.iter_type of a reduction axis in TIR
 
 def tile_shape(m: int, n: int) -> tuple[int, int]:
     nr = 2 * LANES if n % (2 * LANES) == 0 else LANES
-    mr = next(r for r in (16, 8, 4, 2, 1) if m % r == 0)
+    mr = next(r for r in (8, 4, 2, 1) if m % r == 0)
     return mr, nr
 
 
@@ -70,6 +75,35 @@ def _matmul_and_epilogue(sch: Schedule, outputs: set[str]):
     elif not _writes_output(sch, matmul, outputs):
         return None
     return matmul, epilogue, iters
+
+
+def _read_index(sch: Schedule, block, dims: list) -> int | None:
+    """Where in ``block``'s reads the buffer read exactly at the block iteration variables ``dims`` is (one
+    element per iteration: ``B[b, k, j]``), or None (read transposed, broadcast, or at an offset)."""
+    for index, region in enumerate(sch.get(block).reads):
+        ranges = region.region
+        if len(ranges) == len(dims) and all(r.min.same_as(d) and _static(r.extent) == 1
+                                            for r, d in zip(ranges, dims)):
+            return index
+    return None
+
+
+def _static(expr) -> int | None:
+    return int(expr.value) if isinstance(expr, tvm.tirx.IntImm) else None
+
+
+def _pack_panels(sch: Schedule, matmul, b_index: int, nr: int, rank: int, at) -> None:
+    """Copy ``B``'s ``K x NR`` panel for the current column tile into a contiguous buffer laid out
+    ``[..., N / NR, K, NR]`` at loop ``at`` (the tile's outer loop), so the micro-kernel walks it with unit
+    stride instead of one row of ``B`` (``4 N`` bytes apart) per K step."""
+    packed = sch.cache_read(matmul, b_index, "global")
+    if rank == 3:
+        sch.transform_layout(packed, ("write", 0), lambda b, k, j: (b, j // nr, k, j % nr))
+    else:
+        sch.transform_layout(packed, ("write", 0), lambda k, j: (j // nr, k, j % nr))
+    sch.compute_at(packed, at, preserve_unit_loops=True)
+    *_, j = sch.get_loops(packed)
+    sch.vectorize(sch.split(j, [None, LANES])[1])
 
 
 def apply_gemm_template(sch: Schedule, outputs: set[str], min_parallel: int = 1 << 18) -> bool:
@@ -98,13 +132,20 @@ def apply_gemm_template(sch: Schedule, outputs: set[str], min_parallel: int = 1 
         jo, ji = sch.split(j, [None, nr])
         sch.reorder(*batch, jo, io, ii, ji)
         sch.compute_at(matmul, io, preserve_unit_loops=True)
+        *batch_v, iv, jv, kv = [it.var for it in sch.get(matmul).iter_vars]
+        b_index = _read_index(sch, matmul, [*batch_v, kv, jv])
+        pack = b_index is not None and m // mr >= 2
         ti, tj, tk = sch.get_loops(matmul)[-3:]
         sch.reorder(tk, ti, tj)
         sch.unroll(ti)
         sch.vectorize(tj)
         _, lanes = sch.split(ji, [None, LANES])
         sch.vectorize(lanes)
-        tiles = sch.fuse(*batch, jo, io)
+        if pack:
+            tiles = sch.fuse(*batch, jo)
+            _pack_panels(sch, matmul, b_index, nr, len(iters) - 1, tiles)
+        else:
+            tiles = sch.fuse(*batch, jo, io)
         if macs >= min_parallel:
             sch.parallel(tiles)
         sch.decompose_reduction(matmul, tk)  # last: parallel/vectorize refuse a reduction without its init

@@ -30,7 +30,7 @@ import tvm
 import tvm.s_tir as st
 from tvm.s_tir import Schedule, ScheduleError
 
-SCHEDULE_VERSION = "5"  # part of the kernel cache key: bump when the schedule's output changes
+SCHEDULE_VERSION = "6"  # part of the kernel cache key: bump when the schedule's output changes
 MAX_RECOMPUTE = 4  # a value read by several consumers is inlined only while it stands for <= this many blocks
 SPATIAL = 0  # IterVar.iter_type of a data-parallel axis in TIR
 

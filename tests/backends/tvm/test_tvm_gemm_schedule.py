@@ -34,8 +34,9 @@ def _templated(tensors) -> bool:
 
 
 def test_tile_shape_divides_the_output():
-    assert tile_shape(512, 512) == (16, 32)
+    assert tile_shape(512, 512) == (8, 32)
     assert tile_shape(24, 48) == (8, 16)
+    assert tile_shape(20, 32) == (4, 32)
     assert tile_shape(7, 64) == (1, 32)
     assert tile_shape(1, 4096) == (1, 32)
 
@@ -46,6 +47,28 @@ def test_template_takes_matmul_with_or_without_an_epilogue():
     assert _templated([a, b, bias, topi.nn.relu(topi.add(topi.nn.matmul(a, b), bias))])
     x, y = te.placeholder((3, 16, 8), name="x"), te.placeholder((3, 8, 32), name="y")
     assert _templated([x, y, topi.nn.batch_matmul(x, y, transpose_b=False)])
+
+
+def _scheduled(tensors) -> str:
+    sch = Schedule(tvm.IRModule({"main": te.create_prim_func(tensors)}))
+    outputs = _outputs(sch)
+    _inline_spatial(sch, outputs)
+    assert apply_gemm_template(sch, outputs)
+    return sch.mod.script()
+
+
+def test_template_packs_panels_of_b_only_where_they_are_shared_and_read_in_place():
+    a, b = te.placeholder((64, 32), name="a"), te.placeholder((32, 64), name="b")
+    packed = _scheduled([a, b, topi.nn.matmul(a, b)])
+    assert "b_global = T.sblock_alloc_buffer((2, 32, 32))" in packed  # [N / NR, K, NR]
+    x, y = te.placeholder((3, 16, 8), name="x"), te.placeholder((3, 8, 32), name="y")
+    assert "y_global = T.sblock_alloc_buffer((3, 1, 8, 32))" in _scheduled(
+        [x, y, topi.nn.batch_matmul(x, y, transpose_b=False)])
+    row = te.placeholder((8, 32), name="row")  # one row tile: nothing shares the panel
+    assert "_global" not in _scheduled([row, b, topi.nn.matmul(row, b)])
+    bt = te.placeholder((64, 32), name="bt")  # B read through an inlined transpose: not packed
+    b_view = te.compute((32, 64), lambda k, j: bt[j, k], name="transpose")
+    assert "_global" not in _scheduled([a, bt, topi.nn.matmul(a, b_view)])
 
 
 def test_template_refuses_what_it_does_not_tile():
