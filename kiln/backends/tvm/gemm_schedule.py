@@ -44,11 +44,9 @@ from __future__ import annotations
 import tvm
 from tvm.s_tir import Schedule, ScheduleError
 
-from .schedule import SPATIAL, _blocks, _dom_extents, _extent, _is_spatial, _writes_output
+from .schedule import LANES, REDUCE, SPATIAL, _blocks, _dom_extents, _extent, _is_spatial, _permutation, _writes_output
 
-LANES = 16  # fp32 lanes of an AVX-512 register
 MATMUL_BLOCKS = ("T_matmul_NN", "T_batch_matmul_NN")
-REDUCE = 2  # IterVar.iter_type of a reduction axis in TIR
 
 
 def tile_shape(m: int, n: int) -> tuple[int, int]:
@@ -80,16 +78,8 @@ def _matmul_and_epilogue(sch: Schedule, outputs: set[str]):
 def _read_index(sch: Schedule, block, dims: list) -> int | None:
     """Where in ``block``'s reads the buffer read exactly at the block iteration variables ``dims`` is (one
     element per iteration: ``B[b, k, j]``), or None (read transposed, broadcast, or at an offset)."""
-    for index, region in enumerate(sch.get(block).reads):
-        ranges = region.region
-        if len(ranges) == len(dims) and all(r.min.same_as(d) and _static(r.extent) == 1
-                                            for r, d in zip(ranges, dims)):
-            return index
-    return None
-
-
-def _static(expr) -> int | None:
-    return int(expr.value) if isinstance(expr, tvm.tirx.IntImm) else None
+    in_order = list(range(len(dims)))
+    return next((i for i, r in enumerate(sch.get(block).reads) if _permutation(r, dims) == in_order), None)
 
 
 def _pack_panels(sch: Schedule, matmul, b_index: int, nr: int, rank: int, at) -> None:

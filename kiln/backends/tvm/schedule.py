@@ -36,6 +36,8 @@ from tvm.s_tir import Schedule, ScheduleError
 SCHEDULE_VERSION = "7"  # part of the kernel cache key: bump when the schedule's output changes
 MAX_RECOMPUTE = 4  # a value read by several consumers is inlined only while it stands for <= this many blocks
 SPATIAL = 0  # IterVar.iter_type of a data-parallel axis in TIR
+REDUCE = 2  # IterVar.iter_type of a reduction axis in TIR
+LANES = 16  # fp32 lanes of an AVX-512 register
 
 
 def _is_spatial(sch: Schedule, block) -> bool:
@@ -56,6 +58,21 @@ def _all_blocks(sch: Schedule) -> list:
 
     visit(sch.get_sblock("root"))
     return found
+
+
+def _permutation(region, variables: list) -> list[int] | None:
+    """For each dimension of a block's buffer ``region``, which of ``variables`` (block iteration variables)
+    indexes it, each exactly once and one element per dimension; None when the access is not a plain
+    permutation of them (an offset, a broadcast, a sum such as ``y + ry``)."""
+    order = []
+    for r in region.region:
+        if not (isinstance(r.extent, tvm.tirx.IntImm) and int(r.extent) == 1):
+            return None
+        match = [i for i, v in enumerate(variables) if r.min.same_as(v)]
+        if len(match) != 1:
+            return None
+        order.append(match[0])
+    return order if sorted(order) == list(range(len(variables))) else None
 
 
 def _writes_output(sch: Schedule, block, outputs: set[str]) -> bool:
