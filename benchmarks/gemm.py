@@ -17,8 +17,8 @@ Contenders (``--contenders``; default all):
 - ``torch``: the PyTorch module itself (MKL/oneDNN);
 - ``kiln-tvm-tir``: ``kiln.compile(target="tvm", pipeline=O2, backend_options={"gemm": "tvm"})``: the
   GEMM/conv as a TIR kernel with kiln's default schedule, untuned (a matmul: kiln's register-tiled GEMM
-  template, ``kiln/backends/tvm/gemm_schedule.py``; an ungrouped convolution: its direct-convolution template,
-  ``conv_schedule.py``; a depthwise one: the generic schedule, slow);
+  template, ``kiln/backends/tvm/gemm_schedule.py``; a convolution, depthwise included: its direct-convolution
+  template, ``conv_schedule.py``);
 - ``kiln-tvm-tir-tuned``: the same with ``tune_trials=N`` (``--tune-trials``, default 64; 4 with
   ``--quick``);
 - ``kiln-tvm-auto-tuned``: ``gemm="auto"`` with ``tune_trials=N``: the backend picks, by measurement,

@@ -50,8 +50,8 @@ Contract:
   GEMM + TVM epilogue are both built and timed on the real shapes, the faster kept and recorded, so a
   warm compile measures nothing), ``"tvm"`` (force TIR) or ``"torch"`` (force PyTorch). Without tuning
   GEMM/conv run through PyTorch unless ``gemm="tvm"`` (then in TIR with the default schedule: matmuls
-  get kiln's register-tiled template, ``gemm_schedule.py``; ungrouped 2-D convolutions its direct-convolution
-  template, ``conv_schedule.py``; grouped/depthwise ones only the generic schedule).
+  get kiln's register-tiled template, ``gemm_schedule.py``; 2-D convolutions, grouped and depthwise included,
+  its direct-convolution template, ``conv_schedule.py``).
   ``kernel_paths`` entries of TVM kernels then carry ``tuned``, ``tuned_s``, ``untuned_s``; the entry
   holding a GEMM/conv carries ``choice``, ``tvm_s``, ``torch_s`` (when measured). ``run.tuning`` is the
   tuner's summary (None untuned).

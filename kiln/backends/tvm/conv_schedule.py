@@ -1,4 +1,4 @@
-"""kiln's convolution template: a register-tiled direct convolution for a TIR ``conv2d_nchw``, fast untuned.
+"""kiln's convolution template: a register-tiled direct convolution for TIR convolutions, fast untuned.
 
 The generic schedule (``schedule.schedule_cpu``) leaves a convolution scalar (1.5 GFLOP/s on ResNet's 3x3
 64->64 at 56x56 in ``benchmarks/gemm.py``). This template computes it the way the GEMM template
@@ -15,8 +15,9 @@ packed copies make every load unit-stride, whatever the caller's layouts:
 
 Contract:
 - ``apply_conv_template(sch, outputs, min_parallel) -> bool`` schedules, in place, a function that is (after
-  inlining every spatial block except ``pad_temp``) exactly one topi ``conv2d_nchw`` block (spatial
-  ``n, f, y, x``, reductions ``rc, ry, rx``, static extents), at most one ``pad_temp`` block feeding it,
+  inlining every spatial block except ``pad_temp``) exactly one topi ``conv2d_nchw`` or
+  ``group_conv2d_nchw`` block (spatial ``n, f, y, x``, reductions ``rc, ry, rx``, static extents), at
+  most one ``pad_temp`` block feeding it,
   and at most one spatial output block reading it (the fused epilogue: bias, activation, and the layout
   of the output, NCHW or NHWC) whose index into the convolution is a permutation of its own loops, with
   ``C_out`` a multiple of 16. Call it on an un-inlined copy (``sch.copy()``) of a schedule: it returns
@@ -27,15 +28,21 @@ Contract:
   largest of 8, 7, 6, 4, 2, 1 dividing the output width (no predicated tail tiles).
 - Results equal the unscheduled function's up to float32 summation order (the reduction runs as
   ``ry, rx, rc`` instead of ``rc, ry, rx``).
-- Grouped and depthwise convolutions (topi's ``group_conv2d_nchw``) are not handled: they keep the
-  generic schedule.
+- Grouped and depthwise convolutions take the same path: their reduction over ``rc`` is ``C_in / groups``
+  long (1 for a depthwise one) and the input channel read follows the output channel, so in a depthwise
+  convolution the broadcast becomes a vector load of ``NR`` input channels (with 16 channels per group or
+  more it stays one broadcast per vector; fewer give gathers).
 
 Measured (``benchmarks/gemm.py --tune-trials 16``, session 9, untuned, through ``kiln.compile`` with
 ``gemm="tvm"``; the benchmark's modules take and give NCHW tensors): ResNet's 3x3 64->64 at 56x56 136
 GFLOP/s (38% of the FMA peak; PyTorch/oneDNN 145 in the same run; the generic schedule 1.5); 1x1 64->256
 at 56x56 62 GFLOP/s (oneDNN 78): its reduction is only 64 long, and its NCHW output is written with
 scattered stores (a vector of output channels is 56x56 elements apart there; channels-last outputs are
-written contiguously).
+written contiguously). The kernel alone on channels-last tensors (``build_kernel``, against
+``F.conv2d`` on the same tensors; probe, not a benchmark script): 3x3 175 GFLOP/s against oneDNN's 280,
+1x1 197 against 231, depthwise 3x3 144 channels 0.35-0.49 ms against 0.18-0.25 ms (it moves more memory
+than it computes, and the padded copy is one more pass over it); the generic schedule ran the depthwise
+one at 3.5 GFLOP/s in ``benchmarks/gemm.py``.
 """
 
 from __future__ import annotations
@@ -56,7 +63,7 @@ from .schedule import (
     _writes_output,
 )
 
-CONV_BLOCK = "conv2d_nchw"
+CONV_BLOCKS = ("conv2d_nchw", "group_conv2d_nchw")
 PAD_BLOCK = "pad_temp"
 
 
@@ -66,8 +73,8 @@ def conv_tile(width: int, channels: int) -> tuple[int, int]:
     return mr, nr
 
 
-def _block_named(sch: Schedule, name: str):
-    found = [b for b in _blocks(sch) if sch.get(b).name_hint == name]
+def _block_named(sch: Schedule, *names: str):
+    found = [b for b in _blocks(sch) if sch.get(b).name_hint in names]
     return found[0] if len(found) == 1 else None
 
 
@@ -110,7 +117,7 @@ def _pad_to_nhwc(sch: Schedule, pad, parallel: bool) -> None:
 
 
 def apply_conv_template(sch: Schedule, outputs: set[str], min_parallel: int = 1 << 18) -> bool:
-    conv = _block_named(sch, CONV_BLOCK)
+    conv = _block_named(sch, *CONV_BLOCKS)
     if conv is None:
         return False
     iters = _dom_extents(sch, conv)
@@ -124,7 +131,7 @@ def apply_conv_template(sch: Schedule, outputs: set[str], min_parallel: int = 1 
     except (ScheduleError, tvm.error.InternalError):
         return False
     blocks = _blocks(sch)
-    conv = _block_named(sch, CONV_BLOCK)
+    conv = _block_named(sch, *CONV_BLOCKS)
     pad = _block_named(sch, PAD_BLOCK) if pad is not None else None
     rest = [b for b in blocks if not _same(sch, b, conv) and (pad is None or not _same(sch, b, pad))]
     if conv is None or len(rest) > 1 or (pad is not None and len(sch.get(pad).iter_vars) != 4):

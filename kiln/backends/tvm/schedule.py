@@ -10,7 +10,7 @@ Contract: ``schedule_cpu(func, lanes=16, min_parallel=1 << 18) -> tvm.IRModule``
    A function left with one matmul block and at most one epilogue output block reading it is then
    scheduled by kiln's register-tiled GEMM template (``gemm_schedule.apply_gemm_template``) instead of
    steps 2 and 3; where the template does not apply, they run as below. Before step 1, a function with a
-   topi ``conv2d_nchw`` block is offered to the direct-convolution template
+   topi ``conv2d_nchw``/``group_conv2d_nchw`` block is offered to the direct-convolution template
    (``conv_schedule.apply_conv_template``, which does its own inlining and keeps the padded input), and
    used as it scheduled it when it applies.
 2. each remaining reduction block is computed at the outermost loops of its consumer that cover its
@@ -33,7 +33,7 @@ import tvm
 import tvm.s_tir as st
 from tvm.s_tir import Schedule, ScheduleError
 
-SCHEDULE_VERSION = "7"  # part of the kernel cache key: bump when the schedule's output changes
+SCHEDULE_VERSION = "8"  # part of the kernel cache key: bump when the schedule's output changes
 MAX_RECOMPUTE = 4  # a value read by several consumers is inlined only while it stands for <= this many blocks
 SPATIAL = 0  # IterVar.iter_type of a data-parallel axis in TIR
 REDUCE = 2  # IterVar.iter_type of a reduction axis in TIR
@@ -224,10 +224,10 @@ def inline_producers(func):
 def schedule_cpu(func, lanes: int = 16, min_parallel: int = 1 << 18) -> tvm.IRModule:
     sch = Schedule(tvm.IRModule({"main": func}))
     outputs = _outputs(sch)
-    from .conv_schedule import CONV_BLOCK, apply_conv_template  # they build on this module's block helpers
+    from .conv_schedule import CONV_BLOCKS, apply_conv_template  # they build on this module's block helpers
     from .gemm_schedule import apply_gemm_template
 
-    if any(sch.get(b).name_hint == CONV_BLOCK for b in _blocks(sch)):
+    if any(sch.get(b).name_hint in CONV_BLOCKS for b in _blocks(sch)):
         conv = sch.copy()
         if apply_conv_template(conv, outputs, min_parallel):
             st.analysis.verify_well_formed(conv.mod)

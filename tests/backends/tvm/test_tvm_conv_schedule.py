@@ -44,13 +44,13 @@ def test_template_takes_a_convolution_and_refuses_what_it_does_not_tile():
     assert _templated([x, w, topi.nn.relu(conv)])
     w12 = te.placeholder((12, 8, 3, 3), name="w12")  # C_out not a multiple of the 16 vector lanes
     assert not _templated([x, w12, topi.nn.conv2d_nchw(x, w12, 1, 1, 1)])
-    wg = te.placeholder((32, 4, 3, 3), name="wg")  # grouped: another block, the generic schedule
-    assert not _templated([x, wg, topi.nn.group_conv2d_nchw(x, wg, 1, 1, 1, 2)])
+    wg = te.placeholder((32, 4, 3, 3), name="wg")  # grouped: topi's other block, same template
+    assert _templated([x, wg, topi.nn.group_conv2d_nchw(x, wg, 1, 1, 1, 2)])
     assert not _templated([x, w, conv, topi.nn.relu(conv)])  # the convolution is an output and has a reader
 
 
-def _conv(b, x, w, bias, stride=(1, 1), padding=(1, 1), dilation=(1, 1)):
-    return b.call(aten.convolution, x, w, bias, list(stride), list(padding), list(dilation), False, [0, 0], 1)
+def _conv(b, x, w, bias, stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=1):
+    return b.call(aten.convolution, x, w, bias, list(stride), list(padding), list(dilation), False, [0, 0], groups)
 
 
 def _graph(types, build):
@@ -75,6 +75,10 @@ CASES = [  # (name, input types, build): padding, stride, dilation, 1x1, tails (
     ("1x1", [_t(1, 16, 7, 7), _t(32, 16, 1, 1)], lambda b, x, w: _conv(b, x, w, None, padding=(0, 0))),
     ("relu_epilogue", [_t(1, 8, 8, 8), _t(48, 8, 3, 3), _t(48)],
      lambda b, x, w, c: b.call(aten.relu, _conv(b, x, w, c))),
+    ("grouped", [_t(1, 8, 8, 8), _t(32, 4, 3, 3)], lambda b, x, w: _conv(b, x, w, None, groups=2)),
+    ("depthwise", [_t(2, 16, 9, 9), _t(16, 1, 3, 3), _t(16)], lambda b, x, w, c: _conv(b, x, w, c, groups=16)),
+    ("depthwise_x2_stride2", [_t(1, 16, 12, 12), _t(32, 1, 3, 3)],
+     lambda b, x, w: _conv(b, x, w, None, stride=(2, 2), groups=16)),
 ]
 
 
