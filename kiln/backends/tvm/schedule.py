@@ -33,7 +33,7 @@ import tvm
 import tvm.s_tir as st
 from tvm.s_tir import Schedule, ScheduleError
 
-SCHEDULE_VERSION = "8"  # part of the kernel cache key: bump when the schedule's output changes
+SCHEDULE_VERSION = "9"  # part of the kernel cache key: bump when the schedule's output changes
 MAX_RECOMPUTE = 4  # a value read by several consumers is inlined only while it stands for <= this many blocks
 SPATIAL = 0  # IterVar.iter_type of a data-parallel axis in TIR
 REDUCE = 2  # IterVar.iter_type of a reduction axis in TIR
